@@ -1,0 +1,164 @@
+"""Names, dtypes and shapes of the exported graph's inputs and outputs: defined here once.
+
+Imported by the exporter (to name the ONNX I/O), the runtime (to build feeds) and the tests. Torch-free.
+
+Cache design: the graph receives the static cache `past_key.{i}` / `past_value.{i}`
+[batch, kv_heads, max_seq_len, head_dim] and returns only the keys/values of the *current* tokens
+(`present_key.{i}` [batch, kv_heads, seq, head_dim]). The runtime writes those few rows into its
+preallocated cache in place. Returning an updated cache instead would make every decode step write
+(and on ONNX Runtime, allocate) the whole cache: measured in docs/design.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+ATTENTION_MASK = "attention_mask"
+LOGITS_INDEX = "logits_index"
+LOGITS = "logits"
+
+# Dual Chunk Attention inputs (computed on the host, see graphs/dca.py).
+DCA_POS_Q_SUCC = "dca_pos_q_succ"
+DCA_POS_Q_INTER = "dca_pos_q_inter"
+DCA_Q_CHUNK = "dca_q_chunk"
+DCA_K_CHUNK = "dca_k_chunk"
+DCA_LOGIT_SCALE = "dca_logit_scale"
+
+# Symbolic dimension names used in the ONNX graph and TensorRT profiles.
+BATCH = "batch"
+SEQ = "seq"
+N_LOGITS = "n_logits"
+TOTAL_SEQ = "total_seq"  # max_seq_len + seq
+
+
+def past_key(i: int) -> str:
+    return f"past_key.{i}"
+
+
+def past_value(i: int) -> str:
+    return f"past_value.{i}"
+
+
+def present_key(i: int) -> str:
+    return f"present_key.{i}"
+
+
+def present_value(i: int) -> str:
+    return f"present_value.{i}"
+
+
+NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": None}  # numpy has no bf16
+ONNX_ELEM = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, element type and shape (ints or symbolic names)."""
+
+    name: str
+    dtype: str  # "int64" | "float32" | "float16" | "bfloat16"
+    shape: tuple[Any, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """The full I/O contract of one exported graph."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    num_layers: int
+    max_seq_len: int
+    kv_dtype: str
+    dca: bool
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's dynamic_axes for every symbolic dimension."""
+        axes: dict[str, dict[int, str]] = {}
+        for t in (*self.inputs, *self.outputs):
+            dyn = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if dyn:
+                axes[t.name] = dyn
+        return axes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "num_layers": self.num_layers,
+            "max_seq_len": self.max_seq_len,
+            "kv_dtype": self.kv_dtype,
+            "dca": self.dca,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IOSpec":
+        def ts(x: dict[str, Any]) -> TensorSpec:
+            return TensorSpec(x["name"], x["dtype"], tuple(x["shape"]))
+
+        return cls(
+            inputs=tuple(ts(x) for x in d["inputs"]),
+            outputs=tuple(ts(x) for x in d["outputs"]),
+            num_layers=int(d["num_layers"]),
+            max_seq_len=int(d["max_seq_len"]),
+            kv_dtype=d["kv_dtype"],
+            dca=bool(d.get("dca", False)),
+        )
+
+
+def build_io_spec(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    vocab_size: int,
+    max_seq_len: int,
+    dtype: str = "fp32",
+    dca: bool = False,
+) -> IOSpec:
+    """The I/O contract for a model of this shape.
+
+    attention_mask [batch, max_seq_len + seq]: 1 where a past cache slot / current token is real.
+    Causality among the current tokens comes from position_ids (key pos <= query pos).
+    logits_index [batch, n_logits]: which current positions get logits (1 for generation, seq for validation).
+    """
+    kv = ONNX_ELEM[dtype]
+    cache = (BATCH, num_kv_heads, max_seq_len, head_dim)
+    inputs = [
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQ)),
+        TensorSpec(POSITION_IDS, "int64", (BATCH, SEQ)),
+        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_SEQ)),
+        TensorSpec(LOGITS_INDEX, "int64", (BATCH, N_LOGITS)),
+    ]
+    if dca:
+        inputs += [
+            TensorSpec(DCA_POS_Q_SUCC, "int64", (BATCH, SEQ)),
+            TensorSpec(DCA_POS_Q_INTER, "int64", (BATCH, SEQ)),
+            TensorSpec(DCA_Q_CHUNK, "int64", (BATCH, SEQ)),
+            TensorSpec(DCA_K_CHUNK, "int64", (BATCH, TOTAL_SEQ)),
+            TensorSpec(DCA_LOGIT_SCALE, "float32", (BATCH,)),
+        ]
+    for i in range(num_layers):
+        inputs.append(TensorSpec(past_key(i), kv, cache))
+        inputs.append(TensorSpec(past_value(i), kv, cache))
+    outputs = [TensorSpec(LOGITS, "float32", (BATCH, N_LOGITS, vocab_size))]
+    for i in range(num_layers):
+        outputs.append(TensorSpec(present_key(i), kv, (BATCH, num_kv_heads, SEQ, head_dim)))
+        outputs.append(TensorSpec(present_value(i), kv, (BATCH, num_kv_heads, SEQ, head_dim)))
+    return IOSpec(tuple(inputs), tuple(outputs), num_layers, max_seq_len, kv, dca)
