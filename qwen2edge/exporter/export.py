@@ -1,0 +1,208 @@
+"""Checkpoint -> ONNX bundle: trace graphs/, check the graph, write model + tokenizer + manifest atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import __version__, io_spec
+from ..config import ModelConfig, load_hf_config
+from ..errors import ExportError, InputError
+from ..manifest import atomic_directory, write_manifest
+
+DEFAULT_OPSET = 17  # parsed by TensorRT 10.3 (JetPack 6) and every later release
+DEFAULT_MAX_SEQ_LEN = 2048
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2  # leave head-room under protobuf's 2 GiB
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `qwen2edge export` was asked for."""
+
+    max_seq_len: int | None = None
+    dtype: str = "fp32"
+    opset: int = DEFAULT_OPSET
+
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def resolve_max_seq_len(cfg: ModelConfig, requested: int | None) -> int:
+    """Validate --max-seq-len against what the model's rotary setup supports."""
+    limit = cfg.max_position_embeddings
+    if cfg.rope_scaling is not None:
+        l0 = cfg.rope_scaling.original_max_position_embeddings or cfg.max_position_embeddings
+        limit = max(limit, int(l0 * cfg.rope_scaling.factor))
+    if requested is None:
+        return min(limit, DEFAULT_MAX_SEQ_LEN)
+    if requested <= 0:
+        raise InputError(f"--max-seq-len must be positive, got {requested}: pass e.g. --max-seq-len 2048")
+    if requested > limit:
+        raise InputError(
+            f"--max-seq-len {requested} exceeds what this model supports ({limit} positions): "
+            f"pass --max-seq-len {limit} or less, or enable YaRN to extend the context"
+        )
+    return requested
+
+
+def io_spec_for(cfg: ModelConfig, max_seq_len: int, dtype: str) -> io_spec.IOSpec:
+    """The graph's I/O contract for this config (single source: qwen2edge.io_spec)."""
+    return io_spec.build_io_spec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size,
+                                 max_seq_len, dtype, dca=cfg.dual_chunk is not None)
+
+
+def sample_inputs(spec: io_spec.IOSpec, batch: int = 2, seq: int = 3) -> dict[str, np.ndarray]:
+    """Feeds of the right names/dtypes/shapes (batch and seq > 1 so the trace specializes neither)."""
+    import torch
+
+    from ..graphs.model import TORCH_DTYPES
+
+    feeds: dict[str, Any] = {}
+    for t in spec.inputs:
+        shape = [batch if d == io_spec.BATCH else seq if d == io_spec.SEQ else
+                 spec.max_seq_len + seq if d == io_spec.TOTAL_SEQ else 1 if d == io_spec.N_LOGITS else d
+                 for d in t.shape]
+        if t.dtype == "int64":
+            feeds[t.name] = torch.ones(shape, dtype=torch.int64)
+        else:
+            dt = TORCH_DTYPES[{"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[t.dtype]]
+            feeds[t.name] = torch.zeros(shape, dtype=dt)
+    feeds[io_spec.POSITION_IDS] = torch.arange(seq).repeat(batch, 1)
+    feeds[io_spec.LOGITS_INDEX] = torch.full((batch, 1), seq - 1, dtype=torch.int64)
+    return feeds
+
+
+def build_graph(model_dir: Path, cfg: ModelConfig, max_seq_len: int, dtype: str):
+    """Qwen2Graph with the checkpoint's weights, cast to `dtype`."""
+    from ..graphs.model import Qwen2Graph
+    from .checkpoint import load_graph_weights
+
+    graph = Qwen2Graph(cfg, max_seq_len, dtype)
+    load_graph_weights(graph, cfg, model_dir)
+    return graph.cast_weights().eval()
+
+
+def trace_to_onnx(graph, spec: io_spec.IOSpec, path: Path, opset: int) -> None:
+    """torch.onnx (TorchScript exporter: explicit opset, dynamic_axes, plain ai.onnx ops)."""
+    import torch
+
+    feeds = sample_inputs(spec)
+    args = tuple(feeds[n] for n in spec.input_names)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, args, str(path), dynamo=False, opset_version=opset,
+            input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+        )
+
+
+def finalize_model(path: Path) -> None:
+    """Check the graph, run shape inference, refuse custom domains, and store weights externally
+    when the protobuf would exceed 2 GiB."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)
+    bad = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if bad:
+        raise ExportError(f"the exported graph uses non-standard op domains {bad}: report this as a qwen2edge bug")
+    for f in path.parent.iterdir():
+        if f != path:
+            f.unlink()  # loose tensor files from the tracer; re-saved below
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > PROTOBUF_LIMIT:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # onnx raises several unrelated types here
+        raise ExportError(f"the ONNX checker rejected the exported graph ({str(exc).splitlines()[0]}): "
+                          "report this as a qwen2edge bug") from exc
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shaped the artifact."""
+    from importlib import metadata
+
+    out = {"qwen2edge": __version__}
+    for name in ("torch", "onnx", "onnxruntime", "transformers", "tokenizers", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def copy_tokenizer(model_dir: Path, dest: Path) -> list[str]:
+    """Copy tokenizer and generation config files; tokenizer.json is required."""
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError(f"{model_dir} has no tokenizer.json: save the tokenizer with the checkpoint "
+                         "(tokenizer.save_pretrained) and export again")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions(),
+                  progress: Progress = _quiet, cfg_override: ModelConfig | None = None) -> dict[str, Any]:
+    """Export MODEL_DIR to an ONNX bundle in OUT_DIR; returns the manifest."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if options.dtype not in io_spec.ONNX_ELEM:
+        raise InputError(f"unknown dtype {options.dtype!r}: pass --dtype fp32, fp16 or bf16")
+    if not 7 <= options.opset <= 23:
+        raise InputError(f"--opset {options.opset} is outside 7..23: use the default ({DEFAULT_OPSET})")
+    cfg, _ = load_hf_config(model_dir)
+    cfg = cfg_override or cfg
+    max_seq_len = resolve_max_seq_len(cfg, options.max_seq_len)
+    spec = io_spec_for(cfg, max_seq_len, options.dtype)
+    t0 = time.perf_counter()
+    progress(f"[1/4] loading {model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size})")
+    graph = build_graph(model_dir, cfg, max_seq_len, options.dtype)
+    with atomic_directory(out_dir) as tmp:
+        copied = copy_tokenizer(model_dir, tmp)
+        onnx_dir = tmp / ".onnx-work"
+        onnx_dir.mkdir()
+        progress(f"[2/4] tracing to ONNX (opset {options.opset}, {options.dtype}, max_seq_len {max_seq_len})")
+        trace_to_onnx(graph, spec, onnx_dir / MODEL_FILE, options.opset)
+        del graph
+        progress("[3/4] checking the graph (ONNX checker, shape inference, op domains)")
+        finalize_model(onnx_dir / MODEL_FILE)
+        for f in onnx_dir.iterdir():
+            os.replace(f, tmp / f.name)
+        onnx_dir.rmdir()
+        progress("[4/4] writing manifest.json with checksums")
+        manifest = write_manifest(tmp, {
+            "schema_version": io_spec.SCHEMA_VERSION,
+            "kind": "onnx-bundle",
+            "model_file": MODEL_FILE,
+            "dtype": options.dtype,
+            "opset": options.opset,
+            "max_seq_len": max_seq_len,
+            "model_config": cfg.to_dict(),
+            "io_spec": spec.to_dict(),
+            "tokenizer_files": copied,
+            "source": {"model_dir": str(model_dir.absolute())},
+            "library_versions": library_versions(),
+            "export_seconds": round(time.perf_counter() - t0, 2),
+        })
+    progress(f"done in {time.perf_counter() - t0:.1f}s -> {out_dir}")
+    return manifest

@@ -1,0 +1,153 @@
+"""The Qwen2 decoder written for export (gpt-fast style): static KV-cache inputs, rotary tables
+gathered by position, fp32 islands for RMSNorm / softmax / the residual stream.
+
+Shapes: B batch, T current tokens, L = max_seq_len cache slots, H query heads, Hkv key/value heads,
+G = H / Hkv, D head_dim, R rotary dim, C hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .rope import rotary_tables
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MASK_VALUE = -1e9  # large finite negative: a fully masked (padding) row must not turn into NaN
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 whatever the export dtype (fp16 overflows in the sum of squares)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float()
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first R channels of x [B, h, T, D] by cos/sin [B, 1, T, R]; the rest pass through."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr, xp = x[..., :rot], x[..., rot:]
+    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        c = cfg.hidden_size
+        self.q_proj = nn.Linear(c, self.h * self.d, bias=True)
+        self.k_proj = nn.Linear(c, self.hkv * self.d, bias=True)
+        self.v_proj = nn.Linear(c, self.hkv * self.d, bias=True)
+        self.o_proj = nn.Linear(self.h * self.d, c, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor,
+                bias_past: Tensor, bias_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, _ = x.shape
+        g = self.h // self.hkv
+        q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
+        q = apply_rotary(q, cos, sin).to(x.dtype)
+        k = apply_rotary(k, cos, sin).to(x.dtype)
+        q = q * (self.d ** -0.5)
+        qg = q.reshape(b, self.hkv, g, t, self.d)  # [B, Hkv, G, T, D]; GQA without copying K/V per head
+        # Scores against the cache and against the current tokens are computed apart and joined
+        # after the matmul, so the static cache is only read, never concatenated (copied).
+        s_past = torch.matmul(qg, past_k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, L]
+        s_new = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, T]
+        scores = torch.cat((s_past.float() + bias_past, s_new.float() + bias_new), dim=-1)  # [B, Hkv, G, T, L+T]
+        probs = torch.softmax(scores, dim=-1).to(x.dtype)
+        cache_len = past_k.shape[2]
+        out = torch.matmul(probs[..., :cache_len], past_v.unsqueeze(2)) + torch.matmul(
+            probs[..., cache_len:], v.unsqueeze(2))  # [B, Hkv, G, T, D]
+        out = out.reshape(b, self.h, t, self.d).transpose(1, 2).reshape(b, t, self.h * self.d)  # [B, T, H*D]
+        return self.o_proj(out), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h: Tensor, cos, sin, past_k, past_v, bias_past, bias_new, dtype):
+        a, k, v = self.self_attn(self.input_layernorm(h).to(dtype), cos, sin, past_k, past_v, bias_past, bias_new)
+        h = h + a.float()  # the residual stream stays fp32
+        h = h + self.mlp(self.post_attention_layernorm(h).to(dtype)).float()
+        return h, k, v
+
+
+class Qwen2Graph(nn.Module):
+    """forward(input_ids, position_ids, attention_mask, logits_index, *past) -> (logits, *presents).
+
+    Inputs/outputs follow qwen2edge.io_spec; `past` alternates past_key.i, past_value.i.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_seq_len: int, dtype: str = "fp32"):
+        super().__init__()
+        self.cfg, self.max_seq_len, self.dtype = cfg, max_seq_len, TORCH_DTYPES[dtype]
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rotary_tables(cfg, max_seq_len)
+        self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)  # [L, R] fp32
+        self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
+
+    def cast_weights(self) -> "Qwen2Graph":
+        """Linear/embedding weights to the export dtype; norms and rotary tables stay fp32."""
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                mod.to(self.dtype)
+        return self
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, logits_index: Tensor,
+                *past: Tensor) -> tuple[Tensor, ...]:
+        cache_len = self.max_seq_len
+        cos = self.rope_cos[position_ids].unsqueeze(1)  # [B, 1, T, R]
+        sin = self.rope_sin[position_ids].unsqueeze(1)  # [B, 1, T, R]
+        valid = attention_mask > 0
+        # Past slots: visible when valid. Current tokens: valid and not after the query (by position).
+        bias_past = torch.where(valid[:, :cache_len], 0.0, MASK_VALUE)[:, None, None, None, :]  # [B, 1, 1, 1, L]
+        causal = position_ids[:, None, :] <= position_ids[:, :, None]  # [B, Tq, Tk]
+        new_ok = causal & valid[:, cache_len:][:, None, :]  # [B, Tq, Tk]
+        bias_new = torch.where(new_ok, 0.0, MASK_VALUE)[:, None, None, :, :]  # [B, 1, 1, T, T]
+        h = self.embed_tokens(input_ids).float()  # [B, T, C] residual stream in fp32
+        presents = []
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer(h, cos, sin, past[2 * i], past[2 * i + 1], bias_past, bias_new, self.dtype)
+            presents += [k, v]
+        idx = logits_index.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # [B, N, C]
+        h = self.norm(torch.gather(h, 1, idx)).to(self.dtype)  # [B, N, C]
+        logits = self.lm_head(h).float()  # [B, N, V]
+        return (logits, *presents)
