@@ -1,0 +1,1 @@
+"""Torch-free generation runtime: sampling, tokenization and backends that run exported bundles."""

@@ -1,0 +1,68 @@
+"""High-level generation entry point used by the CLI (and the server): bundle dir in, result dict out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import InputError
+from .bundle import Bundle
+from .generator import Generator
+from .sampling import SamplingParams
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3], with a one-line error for anything else."""
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}: e.g. --prompt-ids 1,2,3") from None
+    if not ids:
+        raise InputError("--prompt-ids is empty: give at least one token id, e.g. --prompt-ids 1,2,3")
+    return ids
+
+
+def load_generator(bundle_dir: str | Path, backend: str = "ort", **backend_kwargs: Any) -> tuple[Bundle, Generator]:
+    """Open a bundle and build its generator."""
+    bundle = Bundle.open(bundle_dir)
+    return bundle, Generator(bundle.backend(backend, **backend_kwargs), bundle.tokenizer, bundle.stop_token_ids(),
+                             extra_feed=_extra_feed(bundle))
+
+
+def _extra_feed(bundle: Bundle):
+    if not bundle.spec.dca:
+        return None
+    from .dca_feed import DcaFeed  # host-side chunked position indices
+
+    return DcaFeed(bundle.config, bundle.max_seq_len)
+
+
+def encode_prompt(bundle: Bundle, prompt: str | None, prompt_ids: Sequence[int] | None, chat: bool,
+                  system: str | None = None) -> list[int]:
+    """Token ids for a text prompt (optionally through the chat template) or explicit ids."""
+    if (prompt is None) == (prompt_ids is None):
+        raise InputError("give exactly one of --prompt or --prompt-ids")
+    if prompt_ids is not None:
+        bad = [i for i in prompt_ids if not 0 <= i < bundle.config.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{bundle.config.vocab_size - 1}): "
+                             "fix --prompt-ids")
+        return list(prompt_ids)
+    text = bundle.tokenizer.chat_prompt(prompt, system=system) if chat else prompt
+    return bundle.tokenizer.encode(text)
+
+
+def generate(bundle_dir: str | Path, prompt: str | None = None, prompt_ids: Sequence[int] | None = None,
+             chat: bool = False, params: SamplingParams = SamplingParams(), backend: str = "ort",
+             on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Generate for one prompt; returns prompt_ids, token_ids, text, finish_reason and timings."""
+    t0 = time.perf_counter()
+    bundle, gen = load_generator(bundle_dir, backend)
+    load_s = time.perf_counter() - t0
+    ids = encode_prompt(bundle, prompt, prompt_ids, chat)
+    callback = (lambda _row, delta: on_text(delta)) if on_text else None
+    results, timings = gen.generate([ids], params, on_text=callback)
+    r = results[0]
+    return {"prompt_ids": ids, "token_ids": r.token_ids, "text": r.text, "finish_reason": r.finish_reason,
+            "timings": {"load_s": round(load_s, 3), **timings.to_dict()}}

@@ -1,0 +1,184 @@
+"""Next-token selection over [B, V] logits in pure numpy, shared by every backend."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InferenceError, InputError
+
+# A nucleus that reaches top_p up to this much rounding counts as reaching it; without it,
+# probs like [0.5, 0.3, ...] with top_p=0.8 keep a third token or not depending on float noise.
+_TOP_P_EPS = 1e-6
+
+PrevIds = Sequence[Sequence[int]] | np.ndarray
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings; temperature 0 means greedy, top_k 0 and top_p 1 mean no filtering."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Callers often pass lists; tuples keep the frozen instance hashable.
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InputError naming the bad value and the CLI flag that sets it."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise InputError(
+                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}: "
+                "pass --max-new-tokens 1 or more"
+            )
+        if not _is_real(self.temperature) or not self.temperature >= 0:
+            raise InputError(
+                f"temperature must be >= 0, got {self.temperature!r}: "
+                "pass --temperature 0 for greedy or a positive value"
+            )
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}: pass --top-k 0 to disable it")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}: pass --top-p between 0 and 1")
+        if not _is_real(self.repetition_penalty) or not self.repetition_penalty > 0:
+            raise InputError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty!r}: "
+                "pass --repetition-penalty 1.0 to disable it"
+            )
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}: pass --seed 0 or more")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding takes the argmax."""
+        return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; `--top-k True` is a bug, not 1.
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return _is_int(value) or (isinstance(value, (float, np.floating)) and math.isfinite(value))
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    """A PCG64 generator; the same seed gives the same samples on every platform."""
+    return np.random.default_rng(seed)
+
+
+def _check_logits(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise InputError(f"logits must have shape [batch, vocab], got {logits.shape}: pass the last-position logits")
+    return logits
+
+
+def apply_repetition_penalty(logits: np.ndarray, prev_ids: PrevIds, penalty: float) -> np.ndarray:
+    """CTRL penalty: for ids seen in a row, positive logits are divided by penalty, negative multiplied.
+
+    Each id counts once per row however often it occurred. Returns a new array.
+    """
+    logits = _check_logits(logits)
+    batch, vocab = logits.shape
+    if len(prev_ids) != batch:
+        raise InputError(f"prev_ids has {len(prev_ids)} rows but logits has {batch}: pass one id list per batch row")
+    if penalty == 1.0:
+        return logits.copy()
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    for b, ids in enumerate(prev_ids):
+        ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if ids.size and (ids[0] < 0 or ids[-1] >= vocab):
+            raise InputError(f"prev_ids row {b} holds ids outside [0, {vocab}): strip padding before penalizing")
+        rows.append(np.full(ids.shape, b, dtype=np.int64))
+        cols.append(ids)
+    seen = np.zeros(logits.shape, dtype=bool)
+    seen[np.concatenate(rows), np.concatenate(cols)] = True
+    penalized = np.where(logits < 0, logits * penalty, logits / penalty).astype(logits.dtype, copy=False)
+    return np.where(seen, penalized, logits)
+
+
+def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Per-row float64 distribution after temperature, top-k and top-p; filtered tokens get 0.
+
+    Temperature 0 yields a one-hot on the argmax, so greedy is a special case of the same contract.
+    """
+    logits = _check_logits(logits).astype(np.float64)
+    batch, vocab = logits.shape
+    if params.temperature == 0:
+        probs = np.zeros_like(logits)
+        probs[np.arange(batch), _argmax(logits)] = 1.0
+        return probs
+
+    scores = logits / params.temperature
+    if 0 < params.top_k < vocab:
+        # Ties with the k-th score are kept, as transformers does.
+        kth = np.partition(scores, vocab - params.top_k, axis=-1)[:, vocab - params.top_k, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+
+    probs = _softmax(scores)
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep_sorted = mass_before < params.top_p - _TOP_P_EPS
+        keep_sorted[:, 0] = True
+        keep = np.empty_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    peak = scores.max(axis=-1, keepdims=True)
+    bad = ~np.isfinite(peak[:, 0]) | np.isnan(scores).any(axis=-1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InferenceError(
+            f"logits row {row} holds NaN/inf or only -inf: the model produced invalid scores; re-export in float32"
+        )
+    exp = np.exp(scores - peak)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def _argmax(logits: np.ndarray) -> np.ndarray:
+    if np.isnan(logits).any():
+        row = int(np.flatnonzero(np.isnan(logits).any(axis=-1))[0])
+        raise InferenceError(f"logits row {row} holds NaN: the model produced invalid scores; re-export in float32")
+    return np.argmax(logits, axis=-1).astype(np.int64)
+
+
+def sample_next(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    prev_ids: PrevIds | None = None,
+) -> np.ndarray:
+    """Pick one token per row: argmax when greedy, else a draw from `probabilities`. Returns int64 [B]."""
+    logits = _check_logits(logits)
+    if prev_ids is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, prev_ids, params.repetition_penalty)
+    if params.greedy:
+        return _argmax(logits)
+
+    probs = probabilities(logits, params)
+    cdf = np.cumsum(probs, axis=-1)
+    # 1 - random() lies in (0, 1], so a zero-probability token at index 0 can never be drawn.
+    u = (1.0 - rng.random(probs.shape[0]))[:, None] * cdf[:, -1:]
+    picked = (cdf < u).sum(axis=-1)
+    return np.minimum(picked, probs.shape[1] - 1).astype(np.int64)

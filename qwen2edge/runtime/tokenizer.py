@@ -1,0 +1,244 @@
+"""Tokenizer, chat template, streaming detokenizer and stop-string matcher built on `tokenizers` alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+from tokenizers import Tokenizer
+
+from ..errors import InputError
+
+_CHATML_EOS = ("<|im_end|>", "<|endoftext|>")
+_REPLACEMENT = "\ufffd"
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens either as plain strings or AddedToken dicts.
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    # Non-ASCII must survive unescaped, or tool schemas in prompts differ from what the model was trained on.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+class BundleTokenizer:
+    """A `tokenizer.json` plus the chat template and special tokens from `tokenizer_config.json`."""
+
+    def __init__(self, tokenizer: Tokenizer, config: Mapping[str, Any] | None = None) -> None:
+        self._tok = tokenizer
+        config = dict(config or {})
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.pad_token = _token_text(config.get("pad_token"))
+        self.chat_template = _pick_template(config.get("chat_template"))
+        self._compiled: Any = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> BundleTokenizer:
+        """Load DIR/tokenizer.json and, when present, DIR/tokenizer_config.json."""
+        root = Path(path)
+        tok_path = root / "tokenizer.json"
+        if not tok_path.is_file():
+            raise InputError(f"{tok_path} is missing: pass a directory holding the tokenizer.json saved with the model")
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses from Rust
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"{tok_path} could not be read ({first}): restore the original tokenizer.json") from None
+        config: dict[str, Any] = {}
+        cfg_path = root / "tokenizer_config.json"
+        if cfg_path.is_file():
+            try:
+                config = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputError(f"{cfg_path} is not valid JSON ({exc}): restore the original file") from None
+            if not isinstance(config, dict):
+                raise InputError(f"{cfg_path} must hold a JSON object: restore the original file")
+        return cls(tokenizer, config)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids for text; special-token strings in text are matched as single tokens."""
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text for ids; invalid UTF-8 becomes U+FFFD."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of an exact vocabulary entry, or None."""
+        return self._tok.token_to_id(token)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Ids that end generation: the configured eos plus the ChatML terminators the vocab has."""
+        ids: list[int] = []
+        for token in (self.eos_token, *_CHATML_EOS):
+            tid = self.token_to_id(token) if token else None
+            if tid is not None and tid not in ids:
+                ids.append(tid)
+        return tuple(ids)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """Configured pad id; else the first eos id, the usual stand-in; else None."""
+        tid = self.token_to_id(self.pad_token) if self.pad_token else None
+        if tid is not None:
+            return tid
+        eos = self.eos_token_ids
+        return eos[0] if eos else None
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokenizer vocabulary including added tokens (the model's embedding table may be larger)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether tokenizer_config.json supplied a chat template."""
+        return self.chat_template is not None
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the bundle's Jinja chat template, as transformers does."""
+        if self.chat_template is None:
+            raise InputError(
+                "this tokenizer has no chat template: drop --chat or add a chat_template to tokenizer_config.json"
+            )
+        if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+            raise InputError("messages must be a list of {'role': ..., 'content': ...} dicts: fix the chat input")
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self._template().render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise InputError(f"chat template failed ({exc}): fix the messages or the chat_template") from None
+
+    def chat_prompt(self, user_text: str, system: str | None = None) -> str:
+        """One-turn prompt: optional system message, the user text, then the assistant header."""
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": user_text})
+        return self.apply_chat_template(messages, add_generation_prompt=True)
+
+    def _template(self) -> Any:
+        if self._compiled is None:
+            # Imported lazily: plain completion on a device should not pay for jinja2.
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise_exception
+            try:
+                self._compiled = env.from_string(self.chat_template)
+            except TemplateError as exc:
+                raise InputError(f"chat_template does not compile ({exc}): fix it in tokenizer_config.json") from None
+        return self._compiled
+
+
+def _pick_template(value: Any) -> str | None:
+    # Newer configs may store several named templates; the unnamed chat path uses "default".
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
+
+
+class _Decoder(Protocol):
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class StreamDecoder:
+    """Incremental detokenizer: emits text as soon as it is complete UTF-8.
+
+    Only a short window is re-decoded per token: ids from `_prefix` (the start of the last emitted
+    piece, kept so decoders that depend on left context stay right) to the end.
+    """
+
+    def __init__(self, tokenizer: _Decoder, skip_special_tokens: bool = True) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []  # the window only; older ids are dropped
+        self._read = 0  # index in _ids up to which text has been emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text, "" while a character is still partial."""
+        self._ids.append(int(token_id))
+        prefix = self._tok.decode(self._ids[: self._read], skip_special_tokens=self._skip)
+        text = self._tok.decode(self._ids, skip_special_tokens=self._skip)
+        if len(text) <= len(prefix) or text.endswith(_REPLACEMENT):
+            return ""
+        # The emitted piece becomes the next window's left context.
+        self._ids = self._ids[self._read :]
+        self._read = len(self._ids)
+        return text[len(prefix) :]
+
+    def flush(self) -> str:
+        """Return whatever is held back (a dangling partial character decodes as U+FFFD)."""
+        prefix = self._tok.decode(self._ids[: self._read], skip_special_tokens=self._skip)
+        text = self._tok.decode(self._ids, skip_special_tokens=self._skip)
+        self._ids, self._read = [], 0
+        return text[len(prefix) :]
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back tails that may start one."""
+
+    def __init__(self, stop_strings: Iterable[str]) -> None:
+        self._stops = tuple(stop_strings)
+        if any(not isinstance(s, str) or not s for s in self._stops):
+            raise InputError(
+                f"stop strings must be non-empty strings, got {self._stops!r}: remove the empty stop value"
+            )
+        self._held = ""
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop string has been seen."""
+        return self._stopped
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit now, whether a stop string was hit); after a hit, always ("", True)."""
+        if self._stopped:
+            return "", True
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._held, self._stopped = "", True
+            return buf[: min(hits)], True
+        keep = self._partial_tail(buf)
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        """Return held-back text once generation ends without a stop."""
+        held, self._held = self._held, ""
+        return "" if self._stopped else held
+
+    def _partial_tail(self, buf: str) -> int:
+        # Longest suffix of buf that is a proper prefix of some stop string.
+        longest = min(len(buf), max((len(s) for s in self._stops), default=1) - 1)
+        for k in range(longest, 0, -1):
+            tail = buf[-k:]
+            if any(s.startswith(tail) for s in self._stops):
+                return k
+        return 0
