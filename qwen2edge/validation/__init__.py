@@ -1,0 +1,1 @@
+"""Accuracy checks of exported bundles against the Hugging Face transformers model (needs `export` extra)."""

@@ -1,0 +1,153 @@
+"""`qwen2edge validate`: the bundle vs transformers on prefill logits, teacher-forced decode steps
+and the greedy continuation, with per-dtype tolerances that fail (not warn)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import ValidationError
+from ..runtime.bundle import Bundle
+from ..runtime.generator import Generator, decode_feed, prefill_feed
+from ..runtime.sampling import SamplingParams
+from .reference import HFReference
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "用一句话介绍一下你自己。",
+)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria for one export dtype."""
+
+    max_abs: float
+    min_top1: float
+    require_greedy_match: bool
+
+
+# fp32: a wrong rotary table, mask or bias shows up as errors of 1e-1 or more; arithmetic order
+# differences stay near 1e-5 relative. Half precisions are judged on agreement, not exact logits.
+TOLERANCES = {
+    "fp32": Tolerance(max_abs=2e-3, min_top1=1.0, require_greedy_match=True),
+    "fp16": Tolerance(max_abs=0.5, min_top1=0.9, require_greedy_match=False),
+    "bf16": Tolerance(max_abs=1.5, min_top1=0.85, require_greedy_match=False),
+}
+
+
+@dataclass
+class PromptResult:
+    prompt: str
+    prompt_tokens: int
+    prefill_max_abs: float
+    prefill_max_rel: float
+    decode_max_abs: float
+    decode_max_rel: float
+    top1_agreement: float
+    greedy_match: int
+    greedy_steps: int
+
+
+@dataclass
+class ValidationReport:
+    reference: str
+    backend: str
+    dtype: str
+    steps: int
+    tolerance: dict[str, Any]
+    prompts: list[PromptResult] = field(default_factory=list)
+    passed: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def max_abs(self) -> float:
+        return max(max(p.prefill_max_abs, p.decode_max_abs) for p in self.prompts)
+
+    @property
+    def min_top1(self) -> float:
+        return min(p.top1_agreement for p in self.prompts)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(max_abs=self.max_abs, min_top1=self.min_top1)
+        return d
+
+    def table(self) -> str:
+        head = f"{'prompt':<34} {'tok':>4} {'prefill |d|':>11} {'decode |d|':>11} {'rel':>9} {'top1':>6} {'greedy':>7}"
+        rows = [head, "-" * len(head)]
+        for p in self.prompts:
+            rel = max(p.prefill_max_rel, p.decode_max_rel)
+            rows.append(f"{p.prompt[:34]:<34} {p.prompt_tokens:>4} {p.prefill_max_abs:>11.2e} {p.decode_max_abs:>11.2e} "
+                        f"{rel:>9.2e} {p.top1_agreement:>6.1%} {p.greedy_match:>3}/{p.greedy_steps:<3}")
+        verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        rows.append(f"reference: {self.reference}; backend {self.backend}, {self.dtype}; {verdict}")
+        return "\n".join(rows)
+
+
+def _errors(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    diff = np.abs(ours.astype(np.float64) - ref)
+    return float(diff.max()), float((diff / (np.abs(ref).max(axis=-1, keepdims=True) + 1e-6)).max())
+
+
+def teacher_forced(backend, prompt: list[int], forced: list[int], max_seq_len: int, pad_id: int) -> np.ndarray:
+    """Logits [len(prompt) + len(forced), V]: prefill every prompt position, then feed `forced` one by one."""
+    cache = backend.new_cache(1)
+    feed = prefill_feed([prompt], max_seq_len, pad_id)
+    feed["logits_index"] = np.arange(len(prompt), dtype=np.int64)[None]
+    rows = [backend.step(cache, feed, np.zeros(1, dtype=np.int64))[0]]
+    length = np.array([len(prompt)], dtype=np.int64)
+    for tok in forced:
+        rows.append(backend.step(cache, decode_feed(np.array([tok]), length, max_seq_len), length)[0])
+        length = length + 1
+    return np.concatenate(rows, axis=0)
+
+
+def validate(model_dir: str | Path, bundle_dir: str | Path, steps: int = 32, backend: str = "ort",
+             prompts: Sequence[str] = DEFAULT_PROMPTS, chat: bool = True,
+             progress: Callable[[str], None] = lambda s: None) -> ValidationReport:
+    """Compare the bundle with transformers; the report's `passed` applies the dtype's tolerance."""
+    bundle = Bundle.open(bundle_dir)
+    dtype = bundle.manifest["dtype"]
+    tol = TOLERANCES[dtype]
+    runner = bundle.backend(backend)
+    gen = Generator(runner, bundle.tokenizer, bundle.stop_token_ids())
+    ref = HFReference(model_dir)
+    report = ValidationReport("transformers Qwen2ForCausalLM fp32", backend, dtype, steps, asdict(tol))
+    use_chat = chat and bundle.tokenizer.has_chat_template
+    for text in prompts:
+        progress(f"validating: {text[:40]!r}")
+        rendered = bundle.tokenizer.chat_prompt(text) if use_chat else text
+        ids = bundle.tokenizer.encode(rendered)
+        steps_here = min(steps, bundle.max_seq_len - len(ids))
+        ref_tokens = ref.greedy(ids, steps_here)
+        ref_logits = ref.logits(ids + ref_tokens)[: len(ids) + steps_here].astype(np.float64)
+        ours = teacher_forced(runner, ids, ref_tokens, bundle.max_seq_len, gen.pad_id)
+        pre_abs, pre_rel = _errors(ours[: len(ids)], ref_logits[: len(ids)])
+        dec_abs, dec_rel = _errors(ours[len(ids):], ref_logits[len(ids):])
+        top1 = float((ours.argmax(-1) == ref_logits.argmax(-1)).mean())
+        free, _ = gen.generate([ids], SamplingParams(max_new_tokens=steps_here, stop_token_ids=(-1,)))
+        got = free[0].token_ids
+        match = next((i for i, (a, b) in enumerate(zip(got, ref_tokens)) if a != b), min(len(got), len(ref_tokens)))
+        report.prompts.append(PromptResult(text, len(ids), pre_abs, pre_rel, dec_abs, dec_rel, top1, match, steps_here))
+    for p in report.prompts:
+        worst = max(p.prefill_max_abs, p.decode_max_abs)
+        if worst > tol.max_abs:
+            report.failures.append(f"max |delta logit| {worst:.3g} > {tol.max_abs:g} on {p.prompt[:20]!r}")
+        if p.top1_agreement < tol.min_top1:
+            report.failures.append(f"top-1 agreement {p.top1_agreement:.1%} < {tol.min_top1:.0%} on {p.prompt[:20]!r}")
+        if tol.require_greedy_match and p.greedy_match < p.greedy_steps:
+            report.failures.append(f"greedy diverges at token {p.greedy_match} on {p.prompt[:20]!r}")
+    report.passed = not report.failures
+    return report
+
+
+def require_pass(report: ValidationReport) -> None:
+    """Raise ValidationError (non-zero exit) when the report failed."""
+    if not report.passed:
+        raise ValidationError(f"validation failed ({'; '.join(report.failures[:3])}): "
+                               "inspect the table above; re-export in fp32 or report a qwen2edge bug")
