@@ -183,6 +183,10 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         raise InputError(f"unknown dtype {options.dtype!r}: pass --dtype fp32, fp16 or bf16")
     if not 7 <= options.opset <= 23:
         raise InputError(f"--opset {options.opset} is outside 7..23: use the default ({DEFAULT_OPSET})")
+    if options.trt_check:
+        from ..trt.compat import get_target
+
+        get_target(options.trt_check)  # an unknown target fails before minutes of tracing
     cfg, _ = load_hf_config(model_dir)
     cfg = cfg_override or cfg
     max_seq_len = resolve_max_seq_len(cfg, options.max_seq_len)
