@@ -138,7 +138,7 @@ def pack_bundle(bundle_dir: str | Path, out_file: str | Path, progress: Progress
         os.close(fd)
         try:
             progress(f"[2/3] packing {len(members)} files")
-            with tarfile.open(tmp, "w:gz") as tar:
+            with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:  # weights barely compress; level 9 is minutes
                 _add_bytes(tar, PACKAGE, json.dumps(package, indent=2).encode())  # first: read before the rest
                 for rel, src in members.items():
                     if isinstance(src, bytes):
