@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ def packed(tiny_bundle_factory, tmp_path_factory):
 
 
 def test_runtime_requirements_equal_pyproject_dependencies():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert list(RUNTIME_REQUIREMENTS) == deps
     assert not any("torch" in d or "transformers" in d for d in deps)
