@@ -182,8 +182,13 @@ class TrtBackend(Backend):
         out = {}
         for name in self._outputs:
             buf = self._buffers[name]
-            host = np.empty(tuple(buf.shape), dtype=_HOST.get(self._dtypes[name], np.uint16))
-            buf.copy_to(host, self.stream)
+            want = _HOST.get(self._dtypes[name])
+            host = np.empty(tuple(buf.shape), dtype=want or np.uint16)
+            if want is None:  # bf16: numpy has no such dtype, so copy the raw bits
+                self._cuda.wrapper().memcpy(host.ctypes.data, buf.ptr, host.nbytes,
+                                            self._cuda.MemcpyKind.DeviceToHost, self.stream.ptr)
+            else:
+                buf.copy_to(host, self.stream)
             out[name] = host
         self.stream.synchronize()
         return out

@@ -142,34 +142,43 @@ def _trt_build(trt: Any, onnx_path: Path, plan: BuildPlan, profiles: list[Profil
         path = Path(options.timing_cache)
         cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
-    if hasattr(trt, "IProgressMonitor"):
-        config.progress_monitor = _monitor(trt, progress)
+    monitor = _monitor(trt, progress) if hasattr(trt, "IProgressMonitor") else None
+    if monitor is not None:
+        config.progress_monitor = monitor  # `monitor` stays referenced here until the build returns
     progress(f"[3/4] building ({', '.join(p.name for p in profiles)} profiles; this takes minutes)")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError("TensorRT failed to build the engine (see its log above): lower --max-input-len / "
                          "--max-batch, raise --workspace, or add swap on Jetson (docs/jetson.md)")
     cache_bytes = bytes(config.get_timing_cache().serialize()) if cache is not None else None
+    del monitor  # TensorRT requires the monitor to outlive the build
     return bytes(serialized), cache_bytes
 
 
 def _monitor(trt: Any, progress: Progress) -> Any:
-    """An IProgressMonitor that reports top-level build phases (nested phases stay quiet)."""
+    """An IProgressMonitor that reports top-level build phases (nested phases stay quiet).
+
+    TensorRT may call it from several internal threads, hence the lock."""
+    import threading
 
     class Monitor(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self.depth: dict[str, int] = {}
+            self.lock = threading.Lock()
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            self.depth[phase_name] = 0 if parent_phase is None else self.depth.get(parent_phase, 0) + 1
-            if self.depth[phase_name] <= 1:
-                progress(f"      {'  ' * self.depth[phase_name]}{phase_name} ({num_steps} steps)")
+            with self.lock:
+                depth = 0 if parent_phase is None else self.depth.get(parent_phase, 0) + 1
+                self.depth[phase_name] = depth
+            if depth <= 1:
+                progress(f"      {'  ' * depth}{phase_name} ({num_steps} steps)")
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             return True  # never cancel
 
         def phase_finish(self, phase_name: str) -> None:
-            self.depth.pop(phase_name, None)
+            with self.lock:
+                self.depth.pop(phase_name, None)
 
     return Monitor()
