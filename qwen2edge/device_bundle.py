@@ -91,10 +91,11 @@ Model: {cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size'
 On the device (Jetson: JetPack 6.1+ or 7.x, see docs/jetson.md in the qwen2edge repository):
 
 ```
+tar -xzf THIS_FILE.tar.gz requirements-device.txt wheels   # bootstrap: just what installs the runtime
 python3 -m venv --system-site-packages ~/q2e && . ~/q2e/bin/activate   # sees JetPack's tensorrt
 pip install -r requirements-device.txt
 pip install --no-deps wheels/{wheel_name()}
-qwen2edge unbundle THIS_FILE.tar.gz -o model        # or: already unpacked here
+qwen2edge unbundle THIS_FILE.tar.gz -o model        # verifies every checksum, refuses unsafe paths
 qwen2edge plan-memory model --max-batch 1           # will it fit?
 qwen2edge build-engine model --max-batch 1          # minutes; builds model/engine for THIS device
 qwen2edge generate model --backend trt --prompt "Hello" --chat

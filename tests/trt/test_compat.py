@@ -143,3 +143,39 @@ def test_cli_check_exit_codes(tiny_bundle_factory, tmp_path):
     assert proc.returncode == 4, proc.stderr
     assert "NOT compatible (2 errors" in proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 2 TensorRT compatibility errors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_default_model_export_is_compatible(smollm2_bundle, target):
+    """The real SmolLM2-135M (Qwen2 layout, 30 layers) export, shared with the validation tests."""
+    report = check_bundle(smollm2_bundle, target)
+    assert report.ok, report.lines()
+    assert report.op_counts["MatMul"] >= 30 * 7
+
+
+def test_export_reports_findings_through_progress_and_never_fails(tiny_bundle_factory, tmp_path):
+    from qwen2edge.exporter.export import report_trt_compat
+
+    _, bundle = tiny_bundle_factory("gqa")
+    lines = []
+    report_trt_compat(bundle / "model.onnx", "trt-10.3", lines.append)
+    assert len(lines) == 1 and "TensorRT check: TensorRT 10.3" in lines[0] and "compatible (0 errors" in lines[0]
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model([helper.make_node("Unique", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, [4])],
+                    [vi("y", TensorProto.FLOAT, None)]), str(bad))
+    lines = []
+    report_trt_compat(bad, "trt-11", lines.append)
+    assert "NOT compatible (1 errors" in lines[0] and "Unique is not supported" in lines[1]
+    lines = []
+    report_trt_compat(bad, None, lines.append)
+    assert lines == []
+
+
+def test_export_refuses_an_unknown_check_target_before_tracing(tiny_model_factory, tmp_path):
+    from qwen2edge.errors import InputError
+    from qwen2edge.exporter.export import ExportOptions, export_bundle
+
+    with pytest.raises(InputError, match="unknown --target 'trt-9'"):
+        export_bundle(tiny_model_factory("gqa"), tmp_path / "o", ExportOptions(trt_check="trt-9"))
+    assert not (tmp_path / "o").exists()
