@@ -52,7 +52,7 @@ def test_round_trip(packed, tmp_path):
 
 def _rewrite(archive: Path, dest: Path, edit) -> Path:
     """Copy `archive` member by member, letting `edit(name, data)` change data or return None to drop it."""
-    with tarfile.open(archive) as src, tarfile.open(dest, "w:gz") as out:
+    with tarfile.open(archive) as src, tarfile.open(dest, "w:gz", compresslevel=1) as out:
         for m in src.getmembers():
             data = src.extractfile(m).read()
             data = edit(m.name, data)

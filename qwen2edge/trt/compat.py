@@ -225,7 +225,15 @@ def lint_path(onnx_path: str | Path, target: str = DEFAULT_TARGET) -> CompatRepo
     path = Path(onnx_path)
     if not path.is_file():
         raise InputError(f"{path} does not exist: pass an export directory (with model.onnx) or an .onnx file")
-    return lint_model(onnx.load(str(path), load_external_data=False), target)
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        # The rules read types, shapes and small constants only: drop large inline weights so shape
+        # inference does not copy them (the same state external-data weights are already in).
+        if len(t.raw_data) > 4096:
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value="stripped-by-qwen2edge-check")
+    return lint_model(model, target)
 
 
 def check_bundle(path: str | Path, target: str = DEFAULT_TARGET) -> CompatReport:
