@@ -109,6 +109,7 @@ def _trt_build(trt: Any, onnx_path: Path, plan: BuildPlan, profiles: list[Profil
                progress: Progress) -> tuple[bytes, bytes | None]:
     """The TensorRT calls (10.x and 11.x Python API, enum members by name). Untested on TensorRT."""
     from .engine_manifest import parse_version
+    from .support_matrix import target_for_version
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -123,7 +124,7 @@ def _trt_build(trt: Any, onnx_path: Path, plan: BuildPlan, profiles: list[Profil
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         first = errors[0].splitlines()[0] if errors else "no error reported"
         raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path} ({len(errors)} errors; first: {first}): run "
-                         f"`qwen2edge check {onnx_path.parent} --target trt-{trt.__version__.rsplit('.', 2)[0]}` "
+                         f"`qwen2edge check {onnx_path.parent} --target {target_for_version(parse_version(trt.__version__))}` "
                          "and report the findings")
     config = builder.create_builder_config()
     if options.workspace_mib:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from ..errors import BuildError, InputError
 from .support_matrix import CAST_DOWN, DEFAULT_TARGET, KNOWN_TYPES, SHAPE_INPUTS, TARGETS, Target
@@ -252,6 +252,3 @@ def require_compatible(report: CompatReport) -> None:
         raise BuildError(f"{len(report.errors)} TensorRT compatibility errors for {report.label} (first: "
                          f"{first.message}): fix the graph or pick another --target")
 
-
-def lint_all(model: Any, targets: Iterable[str]) -> list[CompatReport]:
-    return [lint_model(model, t) for t in targets]

@@ -106,3 +106,10 @@ TARGETS: dict[str, Target] = {
         strongly_typed_only=True),
 }
 DEFAULT_TARGET = "trt-10.3"  # the oldest we support: a graph that passes here passes everywhere
+
+
+def target_for_version(version: tuple[int, ...]) -> str:
+    """The lint target matching an installed TensorRT version (conservative below 10.7)."""
+    if version[0] >= 11:
+        return "trt-11"
+    return "trt-10.3" if version[:2] < (10, 7) else "trt-10"

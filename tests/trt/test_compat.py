@@ -31,6 +31,13 @@ def test_cli_targets_are_the_matrix_targets():
     assert TRT_TARGETS == list(TARGETS)
 
 
+def test_installed_version_maps_to_a_target():
+    from qwen2edge.trt.support_matrix import target_for_version
+
+    assert [target_for_version(v) for v in [(10, 3, 0, 30), (10, 6), (10, 7, 0), (10, 16), (11, 4, 1)]] == \
+        ["trt-10.3", "trt-10.3", "trt-10", "trt-10", "trt-11"]
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_exported_graphs_are_compatible(tiny_bundle_factory, dtype, target):
