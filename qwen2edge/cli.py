@@ -44,6 +44,9 @@ class Qwen2EdgeGroup(click.Group):
             _fail(f"{type(exc).__name__}: {exc} (re-run with --verbose for the traceback and report it)", 1)
 
 
+TRT_TARGETS = ["trt-10.3", "trt-10", "trt-11"]  # = qwen2edge.trt.support_matrix.TARGETS (tested)
+
+
 def progress(message: str) -> None:
     click.echo(message, err=True)
 
@@ -96,11 +99,99 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--max-seq-len", type=int, default=None, help="KV-cache length (default min(model limit, 2048)).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True)
-def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int) -> None:
+@click.option("--trt-check", type=click.Choice([*TRT_TARGETS, "none"]), default="trt-10.3", show_default=True,
+              help="Lint the graph for this TensorRT target and report findings (never fails the export).")
+def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int, trt_check: str) -> None:
     """Export a Qwen2 checkpoint directory to an ONNX bundle."""
     from .exporter.export import ExportOptions, export_bundle
 
-    export_bundle(model_dir, out_dir, ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset), progress=progress)
+    export_bundle(model_dir, out_dir, ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset,
+                                                    trt_check=None if trt_check == "none" else trt_check),
+                  progress=progress)
+
+
+def engine_limit_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch the engine accepts."),
+        click.option("--max-input-len", type=int, default=None,
+                     help="Longest prompt (prefill) in tokens (default min(max_seq_len, 1024))."),
+        click.option("--max-logits", type=int, default=None,
+                     help="Most positions with logits per prefill (default min(max-input-len, 128); validate needs "
+                          "the prompt length)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command("build-engine")
+@click.argument("bundle_dir", type=click.Path(path_type=str))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Default: the ONNX's dtype. TensorRT 11 accepts only that; TensorRT 10 can lower an fp32 ONNX.")
+@engine_limit_options
+@click.option("--workspace", "workspace_mib", type=int, default=None, help="Builder workspace limit in MiB.")
+@click.option("--timing-cache", type=click.Path(path_type=str), default=None,
+              help="Read/write TensorRT's timing cache here (faster rebuilds).")
+@click.option("--opt-level", type=int, default=None, help="Builder optimization level 0-5 (TensorRT default 3).")
+def build_engine(bundle_dir: str, precision: str | None, max_batch: int, max_input_len: int | None,
+                 max_logits: int | None, workspace_mib: int | None, timing_cache: str | None,
+                 opt_level: int | None) -> None:
+    """Build a TensorRT engine for this device into BUNDLE_DIR/engine (needs TensorRT and a GPU)."""
+    from .trt.builder import EngineOptions, build_engine as run
+
+    run(bundle_dir, EngineOptions(precision=precision, max_batch=max_batch, max_input_len=max_input_len,
+                                  max_logits=max_logits, workspace_mib=workspace_mib, timing_cache=timing_cache,
+                                  opt_level=opt_level), progress=progress)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--target", type=click.Choice(TRT_TARGETS), default="trt-10.3", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def check(path: str, target: str, as_json: bool) -> None:
+    """Lint an export (or .onnx) against a TensorRT target's ONNX parser rules; no TensorRT needed."""
+    from .trt.compat import check_bundle, require_compatible
+
+    report = check_bundle(path, target)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        click.echo("\n".join([report.summary(), *report.lines()]))
+    require_compatible(report)
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=str))
+@click.option("-o", "--output", "out_file", required=True, type=click.Path(path_type=str), help="FILE.tar.gz")
+def bundle(bundle_dir: str, out_file: str) -> None:
+    """Pack an export for a device: model, tokenizer, manifests, requirements, README, runtime wheel."""
+    from .device_bundle import pack_bundle
+
+    pack_bundle(bundle_dir, out_file, progress=progress)
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=str))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=str), help="Directory.")
+def unbundle(archive: str, out_dir: str) -> None:
+    """Verify (checksums, safe paths) and unpack a device bundle."""
+    from .device_bundle import unpack_bundle
+
+    unpack_bundle(archive, out_dir, progress=progress)
+
+
+@main.command("plan-memory")
+@click.argument("bundle_dir", type=click.Path(path_type=str))
+@engine_limit_options
+@click.option("--workspace", "workspace_mib", type=int, default=None, help="Builder workspace limit in MiB.")
+@click.option("--json", "as_json", is_flag=True)
+def plan_memory(bundle_dir: str, max_batch: int, max_input_len: int | None, max_logits: int | None,
+                workspace_mib: int | None, as_json: bool) -> None:
+    """Estimate unified-memory use (weights + KV cache + activations + workspace) per Jetson module."""
+    from .memory_plan import plan_memory as run
+
+    plan = run(bundle_dir, max_batch, max_input_len, max_logits, workspace_mib)
+    click.echo(json.dumps(plan.to_dict()) if as_json else plan.table())
 
 
 @main.command()

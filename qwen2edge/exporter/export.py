@@ -32,6 +32,7 @@ class ExportOptions:
     max_seq_len: int | None = None
     dtype: str = "fp32"
     opset: int = DEFAULT_OPSET
+    trt_check: str | None = "trt-10.3"  # TensorRT compatibility lint target; None skips it
 
 
 Progress = Callable[[str], None]
@@ -136,6 +137,18 @@ def finalize_model(path: Path) -> None:
                           "report this as a qwen2edge bug") from exc
 
 
+def report_trt_compat(path: Path, target: str | None, progress: Progress) -> None:
+    """Lint the graph for TensorRT (no TensorRT needed) and report findings; never fails the export."""
+    if not target:
+        return
+    from ..trt.compat import lint_path
+
+    report = lint_path(path, target)
+    progress(f"      TensorRT check: {report.summary()}")
+    for line in report.lines():
+        progress(f"        {line}")
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shaped the artifact."""
     from importlib import metadata
@@ -170,6 +183,10 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         raise InputError(f"unknown dtype {options.dtype!r}: pass --dtype fp32, fp16 or bf16")
     if not 7 <= options.opset <= 23:
         raise InputError(f"--opset {options.opset} is outside 7..23: use the default ({DEFAULT_OPSET})")
+    if options.trt_check:
+        from ..trt.compat import get_target
+
+        get_target(options.trt_check)  # an unknown target fails before minutes of tracing
     cfg, _ = load_hf_config(model_dir)
     cfg = cfg_override or cfg
     max_seq_len = resolve_max_seq_len(cfg, options.max_seq_len)
@@ -186,6 +203,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         del graph
         progress("[3/4] checking the graph (ONNX checker, shape inference, op domains)")
         finalize_model(onnx_dir / MODEL_FILE)
+        report_trt_compat(onnx_dir / MODEL_FILE, options.trt_check, progress)
         for f in onnx_dir.iterdir():
             os.replace(f, tmp / f.name)
         onnx_dir.rmdir()

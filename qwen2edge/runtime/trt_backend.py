@@ -1,0 +1,213 @@
+"""TensorRT backend: the same Backend interface as ONNX Runtime, with the static KV cache on the device.
+
+Device buffers and the (non-default) stream come from Polygraphy's CUDA wrapper (ctypes over
+libcudart: no torch, no cuda-python). Per step only the small inputs go host -> device and only
+the logits come back; the new keys/values are copied device -> device into the cache at each row's
+write position, on the same stream, so the cache never leaves the GPU.
+
+UNTESTED ON TENSORRT: no GPU or TensorRT was available where this was written. The pure parts
+(profile selection, the engine/device match, the cache copy offsets) are tested on CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .. import io_spec
+from ..errors import InferenceError
+from ..io_spec import IOSpec
+from ..manifest import MANIFEST, read_manifest
+from ..trt.engine_manifest import ENGINE_DIR, PLAN_FILE, check_engine_matches
+from ..trt.profiles import Profile, select_profile
+from .backend import Backend
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
+_HOST = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+def kv_copy_plan(batch: int, heads: int, max_len: int, head_dim: int, seq: int, itemsize: int,
+                 write_pos: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(dst byte offset in the cache, src byte offset in present, nbytes) copies that put
+    present [B, H, seq, D] at cache [B, H, write_pos[b]:write_pos[b] + seq, D].
+
+    For one (row, head) the seq*D destination elements are contiguous, so that is one copy each.
+    """
+    if len(write_pos) != batch:
+        raise InferenceError(f"write_pos has {len(write_pos)} rows for a batch of {batch}: report this as a bug")
+    row = seq * head_dim * itemsize
+    plan = []
+    for b, p in enumerate(int(x) for x in write_pos):
+        if p < 0 or p + seq > max_len:
+            raise InferenceError(f"cache write at slots {p}..{p + seq} overflows max_seq_len {max_len}: shorten the "
+                                 "prompt or lower --max-new-tokens")
+        for h in range(heads):
+            dst = ((b * heads + h) * max_len + p) * head_dim * itemsize
+            src = (b * heads + h) * row
+            plan.append((dst, src, row))
+    return plan
+
+
+class DeviceKVCache:
+    """One device array per past_key.i / past_value.i, [B, Hkv, L, D], zeroed at creation."""
+
+    def __init__(self, spec: IOSpec, batch: int, arrays: dict[str, Any]):
+        self.spec = spec
+        self.batch = batch
+        self.arrays = arrays  # name -> polygraphy.cuda.DeviceArray
+
+
+class TrtBackend(Backend):
+    """Runs bundle/engine/model.plan with TensorRT's name-based I/O API (execute_async_v3)."""
+
+    name = "trt"
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, engine_dir: str | Path | None = None) -> "TrtBackend":
+        """Open the bundle's engine after checking it was built here (TensorRT version, GPU, ONNX)."""
+        engine_dir = Path(engine_dir) if engine_dir else Path(bundle.path) / ENGINE_DIR
+        if not (engine_dir / MANIFEST).is_file():
+            raise InferenceError(f"{bundle.path} has no TensorRT engine: run `qwen2edge build-engine {bundle.path}` "
+                                 "on this device first")
+        manifest = read_manifest(engine_dir)  # verifies the plan's checksum
+        trt = _import_trt()
+        from ..trt.device import gpu_info
+
+        onnx_sha = bundle.manifest["files"][bundle.manifest["model_file"]]["sha256"]
+        check_engine_matches(manifest, trt.__version__, gpu_info(), onnx_sha, str(bundle.path))
+        profiles = [Profile.from_dict(p) for p in manifest["profiles"]]
+        return cls(trt, engine_dir / manifest.get("plan_file", PLAN_FILE), bundle.spec, profiles)
+
+    def __init__(self, trt: Any, plan_path: Path, spec: IOSpec, profiles: Sequence[Profile]):
+        super().__init__(spec)
+        from polygraphy import cuda as pcuda
+
+        self._cuda = pcuda
+        self.trt = trt
+        self.profiles = list(profiles)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise InferenceError(f"TensorRT could not deserialize {plan_path}: rebuild the engine on this device")
+        self.context = self.engine.create_execution_context()
+        self.stream = pcuda.Stream()  # non-default: copies and execution are ordered on it
+        self._profile: int | None = None
+        self._dtypes = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs)}
+        self._outputs = [t.name for t in spec.outputs]
+        self._buffers: dict[str, Any] = {}
+        self._cache_pool: dict[int, DeviceKVCache] = {}
+
+    # ---- buffers --------------------------------------------------------------------------------
+
+    def _dtype(self, name: str) -> Any:
+        from polygraphy.datatype import DataType
+
+        return {"float32": DataType.FLOAT32, "float16": DataType.FLOAT16, "bfloat16": DataType.BFLOAT16,
+                "int64": DataType.INT64}[self._dtypes[name]]
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> Any:
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = self._buffers[name] = self._cuda.DeviceArray(shape=shape, dtype=self._dtype(name))
+        return buf.resize(shape)  # reallocates only when growing
+
+    def _zero(self, arr: Any) -> None:
+        zeros = np.zeros(arr.nbytes, dtype=np.uint8)
+        self._cuda.wrapper().memcpy(arr.ptr, zeros.ctypes.data, arr.nbytes, self._cuda.MemcpyKind.HostToDevice,
+                                    self.stream.ptr)
+        self.stream.synchronize()  # `zeros` must outlive the copy
+
+    # ---- Backend --------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int) -> DeviceKVCache:
+        """A zeroed device cache; reused per batch size (zeroing matters: 0 * NaN garbage is NaN)."""
+        cache = self._cache_pool.get(batch)
+        if cache is None:
+            arrays = {}
+            for t in self.spec.inputs:
+                if t.name.startswith(("past_key.", "past_value.")):
+                    arrays[t.name] = self._cuda.DeviceArray(shape=(batch, *t.shape[1:]), dtype=self._dtype(t.name))
+            cache = self._cache_pool[batch] = DeviceKVCache(self.spec, batch, arrays)
+        for arr in cache.arrays.values():
+            self._zero(arr)
+        return cache
+
+    def _bind_and_run(self, host: Mapping[str, np.ndarray], device: Mapping[str, Any]) -> None:
+        shapes = {n: a.shape for n, a in host.items()} | {n: tuple(a.shape) for n, a in device.items()}
+        idx = select_profile(self.profiles, shapes)
+        if idx != self._profile:
+            self.context.set_optimization_profile_async(idx, self.stream.ptr)
+            self._profile = idx
+        keep = []  # host arrays must outlive their async copies (synchronized in the caller)
+        for name, arr in host.items():
+            want = _HOST.get(self._dtypes[name])
+            arr = np.ascontiguousarray(arr if want is None else arr.astype(want, copy=False))
+            keep.append(arr)
+            buf = self._buffer(name, arr.shape)
+            buf.copy_from(arr, self.stream)
+            self.context.set_input_shape(name, arr.shape)
+            self.context.set_tensor_address(name, buf.ptr)
+        for name, arr in device.items():
+            self.context.set_input_shape(name, tuple(arr.shape))
+            self.context.set_tensor_address(name, arr.ptr)
+        for name in self._outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            self.context.set_tensor_address(name, self._buffer(name, shape).ptr)
+        if not self.context.execute_async_v3(self.stream.ptr):
+            raise InferenceError("TensorRT failed to run the engine (see its log above): rebuild the engine, and "
+                                 "report it if the failure persists")
+        self._keep = keep
+
+    def step(self, cache: DeviceKVCache, feed: dict[str, np.ndarray], write_pos: np.ndarray) -> np.ndarray:
+        """One prefill/decode step: run, write presents into the device cache, return host logits."""
+        self._bind_and_run(feed, cache.arrays)
+        seq = int(feed[io_spec.INPUT_IDS].shape[1])
+        wrapper, d2d = self._cuda.wrapper(), self._cuda.MemcpyKind.DeviceToDevice
+        for name, dst in cache.arrays.items():
+            src = self._buffers[name.replace("past_", "present_")]
+            b, h, length, d = dst.shape
+            for dst_off, src_off, n in kv_copy_plan(b, h, length, d, seq, _ITEMSIZE[self._dtypes[name]], write_pos):
+                wrapper.memcpy(dst.ptr + dst_off, src.ptr + src_off, n, d2d, self.stream.ptr)
+        logits = np.empty(tuple(self._buffers[io_spec.LOGITS].shape), dtype=np.float32)
+        self._buffers[io_spec.LOGITS].copy_to(logits, self.stream)
+        self.stream.synchronize()
+        return logits
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The raw graph on host arrays (cache included); outputs back on the host (bf16 as raw uint16)."""
+        self._bind_and_run(feed, {})
+        out = {}
+        for name in self._outputs:
+            buf = self._buffers[name]
+            want = _HOST.get(self._dtypes[name])
+            host = np.empty(tuple(buf.shape), dtype=want or np.uint16)
+            if want is None:  # bf16: numpy has no such dtype, so copy the raw bits
+                self._cuda.wrapper().memcpy(host.ctypes.data, buf.ptr, host.nbytes,
+                                            self._cuda.MemcpyKind.DeviceToHost, self.stream.ptr)
+            else:
+                buf.copy_to(host, self.stream)
+            out[name] = host
+        self.stream.synchronize()
+        return out
+
+    def close(self) -> None:
+        for buf in self._buffers.values():
+            buf.free()
+        for cache in self._cache_pool.values():
+            for arr in cache.arrays.values():
+                arr.free()
+        self._buffers, self._cache_pool = {}, {}
+        self.stream.free()
+        self.context = self.engine = None
+
+
+def _import_trt() -> Any:
+    try:
+        import tensorrt  # noqa: PLC0415 - optional, GPU-only dependency
+    except ImportError:
+        raise InferenceError("--backend trt needs TensorRT: `pip install 'qwen2edge[tensorrt]'`, or on Jetson JetPack's "
+                             "python3-libnvinfer (docs/jetson.md); or use --backend ort") from None
+    return tensorrt

@@ -1,0 +1,185 @@
+"""`qwen2edge build-engine`: bundle/model.onnx -> bundle/engine/{model.plan, manifest.json}.
+
+The orchestration (limits, profiles, build plan, manifest, atomic output) is pure and shared with
+the tests; `_trt_build` is the only code here that touches TensorRT, imported lazily.
+
+Why the raw TensorRT API and not Polygraphy's CreateConfig/EngineFromNetwork loaders: the build path
+must differ by TensorRT major version (weak typing flags on 10, strong typing only on 11), and the
+loaders' precision switches map onto BuilderFlag members that 11 removed; a dozen explicit calls
+keep the version logic visible and in plan_build.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import __version__
+from ..errors import BuildError, InputError
+from ..io_spec import IOSpec
+from ..manifest import atomic_directory, read_manifest, sha256_file, write_manifest
+from .engine_manifest import ENGINE_DIR, PLAN_FILE, BuildPlan, engine_manifest, plan_build
+from .profiles import Profile, compute_profiles, resolve_limits
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What `qwen2edge build-engine` was asked for."""
+
+    precision: str | None = None  # default: the ONNX's dtype
+    max_batch: int = 1
+    max_input_len: int | None = None
+    max_logits: int | None = None
+    workspace_mib: int | None = None
+    timing_cache: str | None = None
+    opt_level: int | None = None
+
+
+def import_tensorrt() -> Any:
+    """`import tensorrt` with a one-line fix when it is missing."""
+    try:
+        import tensorrt  # noqa: PLC0415 - deliberately lazy: optional, GPU-only dependency
+    except ImportError:
+        raise BuildError("TensorRT is not installed: `pip install 'qwen2edge[tensorrt]'` on an x86-64 GPU machine, or "
+                         "on Jetson use JetPack's python3-libnvinfer (see docs/jetson.md)") from None
+    return tensorrt
+
+
+def check_options(options: EngineOptions) -> None:
+    if options.opt_level is not None and not 0 <= options.opt_level <= 5:
+        raise InputError(f"--opt-level {options.opt_level} is outside 0..5: pass 3 (TensorRT's default) or omit it")
+    if options.workspace_mib is not None and options.workspace_mib < 1:
+        raise InputError(f"--workspace {options.workspace_mib} MiB must be positive: pass e.g. --workspace 1024")
+
+
+def build_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(),
+                 progress: Progress = lambda _m: None) -> dict[str, Any]:
+    """Build bundle_dir/engine on this device's GPU; returns the engine manifest. Untested on TensorRT."""
+    bundle_dir = Path(bundle_dir)
+    check_options(options)
+    t0 = time.perf_counter()
+    progress(f"[1/4] checking {bundle_dir} (checksums) and this device")
+    manifest = read_manifest(bundle_dir)
+    spec = IOSpec.from_dict(manifest["io_spec"])
+    limits = resolve_limits(spec, options.max_batch, options.max_input_len, options.max_logits)
+    profiles = compute_profiles(spec, limits)
+    onnx_path = bundle_dir / manifest["model_file"]
+    trt = import_tensorrt()
+    from .device import gpu_info
+
+    gpu = gpu_info()
+    plan = plan_build(trt.__version__, manifest["dtype"], options.precision, gpu)
+    progress(f"      TensorRT {trt.__version__} on {gpu.name} (sm {gpu.compute_capability}); {plan.description}")
+    for note in plan.notes:
+        progress(f"      note: {note}")
+    with atomic_directory(bundle_dir / ENGINE_DIR) as tmp:
+        plan_bytes, cache_bytes = _trt_build(trt, onnx_path, plan, profiles, options, progress)
+        progress(f"[4/4] writing {ENGINE_DIR}/{PLAN_FILE} ({len(plan_bytes) / 2**20:.1f} MiB) and manifest.json")
+        (tmp / PLAN_FILE).write_bytes(plan_bytes)
+        if options.timing_cache and cache_bytes is not None:
+            _write_atomic(Path(options.timing_cache), cache_bytes)
+        body = engine_manifest(
+            trt_version=trt.__version__, gpu=gpu, plan=plan, profiles=profiles, onnx_file=manifest["model_file"],
+            onnx_sha256=sha256_file(onnx_path), bundle_dtype=manifest["dtype"],
+            limits={"max_batch": limits.max_batch, "max_input_len": limits.max_input_len,
+                    "max_logits": limits.max_logits},
+            workspace_mib=options.workspace_mib, opt_level=options.opt_level, timing_cache=options.timing_cache,
+            build_seconds=time.perf_counter() - t0, qwen2edge_version=__version__)
+        result = write_manifest(tmp, body)
+    progress(f"done in {time.perf_counter() - t0:.0f}s -> {bundle_dir / ENGINE_DIR}")
+    return result
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _trt_build(trt: Any, onnx_path: Path, plan: BuildPlan, profiles: list[Profile], options: EngineOptions,
+               progress: Progress) -> tuple[bytes, bytes | None]:
+    """The TensorRT calls (10.x and 11.x Python API, enum members by name). Untested on TensorRT."""
+    from .engine_manifest import parse_version
+    from .support_matrix import target_for_version
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if plan.strongly_typed and parse_version(trt.__version__)[0] < 11:
+        # 11 always builds strongly typed (the flag is deprecated and ignored there).
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    progress(f"[2/4] parsing {onnx_path.name} (external weights resolved beside it)")
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        first = errors[0].splitlines()[0] if errors else "no error reported"
+        raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path} ({len(errors)} errors; first: {first}): run "
+                         f"`qwen2edge check {onnx_path.parent} --target {target_for_version(parse_version(trt.__version__))}` "
+                         "and report the findings")
+    config = builder.create_builder_config()
+    if options.workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    if options.opt_level is not None:
+        config.builder_optimization_level = options.opt_level
+    for name in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    for p in profiles:
+        prof = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in p.shapes.items():
+            prof.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(prof)
+    cache = None
+    if options.timing_cache:
+        path = Path(options.timing_cache)
+        cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    monitor = _monitor(trt, progress) if hasattr(trt, "IProgressMonitor") else None
+    if monitor is not None:
+        config.progress_monitor = monitor  # `monitor` stays referenced here until the build returns
+    progress(f"[3/4] building ({', '.join(p.name for p in profiles)} profiles; this takes minutes)")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError("TensorRT failed to build the engine (see its log above): lower --max-input-len / "
+                         "--max-batch, raise --workspace, or add swap on Jetson (docs/jetson.md)")
+    cache_bytes = bytes(config.get_timing_cache().serialize()) if cache is not None else None
+    del monitor  # TensorRT requires the monitor to outlive the build
+    return bytes(serialized), cache_bytes
+
+
+def _monitor(trt: Any, progress: Progress) -> Any:
+    """An IProgressMonitor that reports top-level build phases (nested phases stay quiet).
+
+    TensorRT may call it from several internal threads, hence the lock."""
+    import threading
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.depth: dict[str, int] = {}
+            self.lock = threading.Lock()
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            with self.lock:
+                depth = 0 if parent_phase is None else self.depth.get(parent_phase, 0) + 1
+                self.depth[phase_name] = depth
+            if depth <= 1:
+                progress(f"      {'  ' * depth}{phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return True  # never cancel
+
+        def phase_finish(self, phase_name: str) -> None:
+            with self.lock:
+                self.depth.pop(phase_name, None)
+
+    return Monitor()

@@ -1,0 +1,165 @@
+"""Device bundles: round trip, checksum failure, unsafe archive members, and a torch-free install."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from qwen2edge.device_bundle import (PACKAGE, README, REQUIREMENTS, RUNTIME_REQUIREMENTS, pack_bundle,
+                                     unpack_bundle, wheel_name)
+from qwen2edge.errors import BundleError, InputError
+from qwen2edge.runtime.bundle import Bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_bundle_factory, tmp_path_factory):
+    _, bundle = tiny_bundle_factory("gqa")
+    out = tmp_path_factory.mktemp("pack") / "model.tar.gz"
+    pack_bundle(bundle, out)
+    return bundle, out
+
+
+def test_runtime_requirements_equal_pyproject_dependencies():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert list(RUNTIME_REQUIREMENTS) == deps
+    assert not any("torch" in d or "transformers" in d for d in deps)
+
+
+def test_round_trip(packed, tmp_path):
+    bundle, archive = packed
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert names[0] == PACKAGE
+    assert {"model.onnx", "manifest.json", "tokenizer.json", REQUIREMENTS, README, f"wheels/{wheel_name()}"} <= set(names)
+    assert not any(n.startswith("engine/") for n in names)
+    out = tmp_path / "unpacked"
+    unpack_bundle(archive, out)
+    for rel in ("model.onnx", "tokenizer.json", "manifest.json"):
+        assert (out / rel).read_bytes() == (bundle / rel).read_bytes()
+    reqs = (out / REQUIREMENTS).read_text()
+    assert "torch" not in reqs.replace("no torch", "") and "onnxruntime" in reqs
+    opened = Bundle.open(out)
+    assert opened.spec.input_names == Bundle.open(bundle).spec.input_names
+
+
+def _rewrite(archive: Path, dest: Path, edit) -> Path:
+    """Copy `archive` member by member, letting `edit(name, data)` change data or return None to drop it."""
+    with tarfile.open(archive) as src, tarfile.open(dest, "w:gz", compresslevel=1) as out:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            data = edit(m.name, data)
+            if data is None:
+                continue
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    return dest
+
+
+def test_corrupted_member_fails_its_checksum_and_leaves_nothing(packed, tmp_path):
+    _, archive = packed
+    bad = _rewrite(archive, tmp_path / "bad.tar.gz",
+                   lambda n, d: d[:-1] + bytes([d[-1] ^ 1]) if n == "tokenizer.json" else d)
+    out = tmp_path / "out"
+    with pytest.raises(BundleError, match="tokenizer.json .* fails its checksum"):
+        unpack_bundle(bad, out)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_unlisted_and_missing_members_are_refused(packed, tmp_path):
+    _, archive = packed
+    dropped = _rewrite(archive, tmp_path / "dropped.tar.gz", lambda n, d: None if n == "model.onnx" else d)
+    with pytest.raises(BundleError, match="lacks 'model.onnx'"):
+        unpack_bundle(dropped, tmp_path / "o1")
+    extra = tarfile.TarInfo("extra.py")
+    extra.size = 1
+    with pytest.raises(BundleError, match="'extra.py', which PACKAGE.json does not list"):
+        unpack_bundle(_evil(tmp_path, extra), tmp_path / "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def _evil(tmp_path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Path:
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        pkg = json.dumps({"files": {}}).encode()
+        info = tarfile.TarInfo(PACKAGE)
+        info.size = len(pkg)
+        tar.addfile(info, io.BytesIO(pkg))
+        tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink", "fifo", "backslash"])
+def test_unsafe_members_are_refused_before_anything_is_written(kind, tmp_path):
+    if kind == "absolute":
+        m = tarfile.TarInfo(str(tmp_path / "pwned"))
+    elif kind == "dotdot":
+        m = tarfile.TarInfo("a/../../pwned")
+    elif kind == "backslash":
+        m = tarfile.TarInfo("..\\pwned")
+    else:
+        m = tarfile.TarInfo("link")
+        m.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE}[kind]
+        m.linkname = "/etc/passwd"
+    if m.isfile():
+        m.size = 1
+    archive = _evil(tmp_path, m)
+    out = tmp_path / "out"
+    with pytest.raises(BundleError, match="refusing to unpack"):
+        unpack_bundle(archive, out)
+    assert not out.exists() and not (tmp_path / "pwned").exists() and not (tmp_path.parent / "pwned").exists()
+
+
+def test_bad_inputs(tmp_path, tiny_bundle_factory):
+    _, bundle = tiny_bundle_factory("gqa")
+    with pytest.raises(InputError, match=r"\.tar\.gz"):
+        pack_bundle(bundle, tmp_path / "x.zip")
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(BundleError, match="not a readable"):
+        unpack_bundle(tmp_path / "junk.tar.gz", tmp_path / "o")
+    with pytest.raises(InputError, match="does not exist"):
+        unpack_bundle(tmp_path / "nope.tar.gz", tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_torch_free_install_from_the_bundle_in_a_fresh_venv(packed, tmp_path):
+    """What the device README says: fresh venv (no system site-packages), pip install the bundle's
+    requirements from PyPI, install the packed wheel, unbundle and generate."""
+    _, archive = packed
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    staging = tmp_path / "staging"
+    unpack_bundle(archive, staging)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | {"HF_HUB_OFFLINE": "1"}
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # polygraphy is pure Python and installs without TensorRT; tensorrt itself is not in the file.
+    r = subprocess.run([*pip, "-r", str(staging / REQUIREMENTS)], capture_output=True, text=True, env=env, timeout=900)
+    if r.returncode != 0 and ("Could not find a version" in r.stderr or "NewConnectionError" in r.stderr):
+        pytest.skip(f"PyPI not reachable: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*pip, "--no-deps", str(staging / "wheels" / wheel_name())], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cli = venv / "bin" / "qwen2edge"
+    out = tmp_path / "device-model"
+    r = subprocess.run([str(cli), "unbundle", str(archive), "-o", str(out)], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([str(cli), "generate", str(out), "--prompt", "Hello", "--chat", "--max-new-tokens", "4",
+                        "--json"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["prompt_ids"][0] == 151644 and 1 <= len(result["token_ids"]) <= 4
+    check = subprocess.run([str(py), "-c", "import importlib.util as u, qwen2edge, sys;"
+                            "sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'onnx')))"],
+                           env=env, cwd=tmp_path)
+    assert check.returncode == 0, "the device venv must not contain torch, transformers or onnx"
