@@ -95,7 +95,9 @@ class Scheduler:
             if self._closing:
                 raise ShuttingDown()
             self._drop_cancelled()
-            if len(self._pending) >= self.max_queue:
+            # Admitted work is bounded by the slots plus the queue; --max-queue 0 still admits
+            # requests while slots are free.
+            if len(self._pending) + self._running >= self.capacity + self.max_queue:
                 # Roughly when a slot frees up: the queue ahead drains at `capacity` per average latency.
                 waves = (len(self._pending) + self._running) / self.capacity
                 raise QueueFull(max(1, math.ceil(waves * self._avg_latency)))

@@ -73,12 +73,12 @@ def _open_stream(server, max_tokens: int):
 
 def test_full_queue_answers_429_with_retry_after(one_slot_server):
     server = one_slot_server
-    http, running = _open_stream(server, 400)
+    http, running = _open_stream(server, 480)
     lines = running.iter_lines()
     next(lines)  # generating now: the only slot is taken
     waiting = httpx.Client(timeout=300)
     queued = waiting.send(waiting.build_request("POST", f"{server.url}/v1/completions", json={
-        "model": server.model, "prompt": "queued", "max_tokens": 400, "stream": True}), stream=True)
+        "model": server.model, "prompt": "queued", "max_tokens": 480, "stream": True}), stream=True)
     _wait_for(lambda: server.metrics()["qwen2edge_queue_depth"] == 1, what="the queue to fill")
     with pytest.raises(openai.RateLimitError) as exc:
         _client(server).completions.create(model=server.model, prompt="one too many", max_tokens=2)
@@ -110,6 +110,18 @@ def test_disconnect_mid_stream_cancels_and_frees_the_slot(one_slot_server):
     t0 = time.monotonic()
     out = _client(server).completions.create(model=server.model, prompt="next please", max_tokens=4, temperature=0)
     assert out.usage.completion_tokens >= 1 and time.monotonic() - t0 < 30
+
+
+def test_disconnect_while_waiting_for_a_non_streaming_answer_cancels(one_slot_server):
+    server = one_slot_server
+    cancelled = 'qwen2edge_generations_total{finish_reason="cancelled"}'
+    before = server.metrics().get(cancelled, 0)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{server.url}/v1/completions", timeout=httpx.Timeout(30, read=0.5), json={
+            "model": server.model, "prompt": "A long answer", "max_tokens": 480, "temperature": 0})
+    _wait_for(lambda: server.metrics().get(cancelled, 0) == before + 1, timeout=30,
+              what="the abandoned generation to be cancelled")
+    _wait_for(lambda: server.metrics()["qwen2edge_requests_running"] == 0, timeout=10, what="the slot to free")
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(long_bundle):
