@@ -27,6 +27,7 @@ from .schemas import APIError, ChatRequest, CompletionRequest, parse
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -130,6 +131,10 @@ def create_app(bundle: Bundle, generator: Generator, settings: ServeSettings,
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
         return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_request: Request, _exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, /metrics counts it
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception) -> JSONResponse:
@@ -288,14 +293,18 @@ def _error_of(payload: Any) -> APIError:
 
 async def _wait(state: _State, job: Job, request: Request) -> Generation:
     """Wait for a non-streaming job, cancelling it if the client goes away meanwhile."""
+    next_check = time.monotonic() + DISCONNECT_POLL_S
     try:
         while True:
             try:
-                kind, payload = await asyncio.wait_for(job.events.get(), timeout=0.25)
+                kind, payload = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                kind, payload = "idle", None
+            # Checked on a clock, not only when idle: text events keep arriving while a row generates.
+            if time.monotonic() >= next_check:
                 if await request.is_disconnected():
-                    raise ClientGone() from None
-                continue
+                    raise ClientGone()
+                next_check = time.monotonic() + DISCONNECT_POLL_S
             if kind == "done":
                 if payload.finish_reason == "cancelled":  # the server is shutting down
                     raise _error_of(ShuttingDown())

@@ -122,6 +122,7 @@ def test_disconnect_while_waiting_for_a_non_streaming_answer_cancels(one_slot_se
     _wait_for(lambda: server.metrics().get(cancelled, 0) == before + 1, timeout=30,
               what="the abandoned generation to be cancelled")
     _wait_for(lambda: server.metrics()["qwen2edge_requests_running"] == 0, timeout=10, what="the slot to free")
+    assert server.metrics()['qwen2edge_requests_total{endpoint="/v1/completions",status="499"}'] >= 1
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(long_bundle):
