@@ -95,4 +95,4 @@ def one_slot_server(long_bundle):
     """One generation at a time, one waiting: the smallest server that can be full."""
     server = ServerProcess(long_bundle, "--max-concurrency", "1", "--max-batch", "1", "--max-queue", "1")
     yield server
-    assert server.stop() == 0, server.log()
+    assert server.stop(signal.SIGINT) == 0, server.log()  # Ctrl-C is a clean stop too
