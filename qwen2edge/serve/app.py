@@ -27,6 +27,7 @@ from .schemas import APIError, ChatRequest, CompletionRequest, parse
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_BODY_BYTES = 8 * 2**20  # far above any prompt that fits a context; bounds memory per request
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
@@ -168,7 +169,7 @@ def create_app(bundle: Bundle, generator: Generator, settings: ServeSettings,
         state.check_model(req.model)
         prompt = req.single_prompt()
         if isinstance(prompt, str):
-            ids, prompt_text = state.tokenizer.encode(prompt), prompt
+            ids, prompt_text = await anyio.to_thread.run_sync(state.tokenizer.encode, prompt), prompt
         else:
             vocab = bundle.config.vocab_size
             bad = [i for i in prompt if not 0 <= i < vocab]
@@ -191,11 +192,13 @@ def create_app(bundle: Bundle, generator: Generator, settings: ServeSettings,
         state.check_auth(request)
         req: ChatRequest = parse(ChatRequest, await _json(request))
         state.check_model(req.model)
+        messages = req.template_messages()
         try:
-            text = state.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
+            text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except InputError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        ids = state.tokenizer.encode(text)
+        # Off the event loop: a long prompt must not stall the other clients' streams.
+        ids = await anyio.to_thread.run_sync(state.tokenizer.encode, text)
         params = state.sampling(req, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
         job = state.submit(ids, params)
         shape = _Shape("chatcmpl", "chat.completion", settings.model_name, chat=True)
@@ -210,12 +213,26 @@ def create_app(bundle: Bundle, generator: Generator, settings: ServeSettings,
 # ---- helpers ------------------------------------------------------------------------------------
 
 async def _json(request: Request) -> Any:
-    raw = await request.body()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:  # chunked uploads declare no length
+            raise _too_large()
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc}): send a JSON object with "
                        "'Content-Type: application/json'", code="invalid_json") from None
+
+
+def _too_large() -> APIError:
+    return APIError(413, f"the request body exceeds {MAX_BODY_BYTES // 2**20} MiB; no prompt that fits the "
+                    "context needs that much: shorten it", code="request_too_large")
 
 
 def _model_card(state: _State) -> dict[str, Any]:
@@ -235,7 +252,6 @@ def _usage(job: Job, result: Generation) -> dict[str, int]:
 def _record(state: _State, job: Job, result: Generation, endpoint: str) -> None:
     now = time.perf_counter()
     m = state.metrics
-    m.generation_tokens.inc(len(result.token_ids))
     m.latency.labels(endpoint).observe(now - job.submitted_at)
     m.ttft.observe((job.first_text_at or now) - job.submitted_at)
 

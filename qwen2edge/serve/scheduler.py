@@ -173,6 +173,7 @@ class Scheduler:
             open_rows.discard(r)
             self._release(1, time.perf_counter() - batch[r].submitted_at)
             m.finished.labels(result.finish_reason).inc()
+            m.generation_tokens.inc(len(result.token_ids))  # cancelled rows' tokens were computed too
             batch[r]._post("done", result)
 
         try:

@@ -75,6 +75,21 @@ def test_prompt_beyond_the_context_is_400(tiny_server):
     assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
 
 
+def test_oversized_body_is_413(tiny_server):
+    body = b'{"model": "m", "prompt": "' + b"a" * (9 * 2**20) + b'"}'
+    err = _error(_post(tiny_server, "/v1/completions", body, raw=True), 413)
+    assert err["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "m", "prompt": "'
+        for _ in range(9):
+            yield b"a" * 2**20
+        yield b'"}'
+
+    r = httpx.post(f"{tiny_server.url}/v1/completions", content=chunked(), headers=AUTH, timeout=60)
+    assert _error(r, 413)["code"] == "request_too_large"
+
+
 def test_unknown_model_is_404_model_not_found(tiny_server):
     client = openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key=API_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError) as exc:
