@@ -239,6 +239,30 @@ def validate(model_dir: str, bundle_dir: str, steps: int, as_json: bool, backend
 
 
 @main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=str))
+@backend_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface; 0.0.0.0 exposes the server.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-concurrency", type=int, default=8, show_default=True, help="Requests generating at once.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Rows per backend batch.")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Requests waiting for a slot; beyond it, 429 with Retry-After.")
+@click.option("--api-key", default=None, envvar="QWEN2EDGE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 (or set QWEN2EDGE_API_KEY).")
+@click.option("--served-model-name", "model_name", default=None, help="Model id clients send (default: dir name).")
+@click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds SIGINT/SIGTERM waits for in-flight requests before cancelling them.")
+def serve(bundle_dir: str, backend: str, host: str, port: int, max_concurrency: int, max_batch: int,
+          max_queue: int, api_key: str | None, model_name: str | None, shutdown_timeout: float) -> None:
+    """Serve a bundle over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
+    from .serve.server import serve as run
+
+    run(bundle_dir, backend=backend, host=host, port=port, max_concurrency=max_concurrency, max_batch=max_batch,
+        max_queue=max_queue, api_key=api_key, model_name=model_name, shutdown_timeout=shutdown_timeout,
+        progress=progress)
+
+
+@main.command()
 @click.option("--cache-dir", type=click.Path(path_type=str), default=None, envvar="QWEN2EDGE_CACHE",
               help="Where the converted model and bundle are cached.")
 @click.option("--prompt", default="What is the capital of France?", show_default=True)

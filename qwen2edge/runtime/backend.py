@@ -39,6 +39,9 @@ class Backend(ABC):
     """infer(feed) -> outputs for the raw graph; step() runs one prefill/decode step over the cache."""
 
     name: str = "backend"
+    # Whether `step` may run from several threads at once on separate caches (a server then runs
+    # several batches concurrently); False unless the runtime documents it.
+    thread_safe: bool = False
 
     def __init__(self, spec: IOSpec):
         self.spec = spec

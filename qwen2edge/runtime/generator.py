@@ -19,6 +19,7 @@ from .sampling import SamplingParams, make_rng, sample_next
 from .tokenizer import StopMatcher, StreamDecoder
 
 OnText = Callable[[int, str], None]  # (row, text delta)
+ShouldStop = Callable[[int], bool]  # (row) -> stop this row now
 
 
 @dataclass
@@ -28,7 +29,10 @@ class Generation:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" (eos id or stop string) | "length"
+    finish_reason: str = "length"  # "stop" (eos id or stop string) | "length" | "cancelled"
+
+
+OnFinish = Callable[[int, Generation], None]  # (row, its complete result)
 
 
 @dataclass
@@ -108,48 +112,42 @@ class Generator:
             feed = {**feed, **self.extra_feed(feed, positions_start)}
         return self.backend.step(cache, feed, positions_start)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 on_text: OnText | None = None) -> tuple[list[Generation], Timings]:
-        """Generate for a batch of token-id prompts; `on_text(row, delta)` streams text."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 on_text: OnText | None = None, *, should_stop: ShouldStop | None = None,
+                 on_finish: OnFinish | None = None) -> tuple[list[Generation], Timings]:
+        """Generate for a batch of token-id prompts; `on_text(row, delta)` streams text.
+
+        `params` is one SamplingParams for every row, or one per row (then each row samples with its own
+        seeded generator, so a row's output does not depend on what it is batched with). A row stops
+        early when `should_stop(row)` turns true (finish_reason "cancelled"); `on_finish(row, result)`
+        fires as soon as a row is complete, before slower rows in the batch are.
+        """
         prompts = [list(map(int, p)) for p in prompts]
-        check_fits([len(p) for p in prompts], params.max_new_tokens, self.max_seq_len)
         b = len(prompts)
-        stop_ids = set(params.stop_token_ids or self.default_stop_ids)
-        rng = make_rng(params.seed)
+        per_row = not isinstance(params, SamplingParams)
+        rows = list(params) if per_row else [params] * b
+        if len(rows) != b:
+            raise InputError(f"got {len(rows)} SamplingParams for {b} prompts: pass one per prompt or a single one")
+        if per_row:
+            for p, rp in zip(prompts, rows):
+                check_fits([len(p)], rp.max_new_tokens, self.max_seq_len)
+        else:
+            check_fits([len(p) for p in prompts], params.max_new_tokens, self.max_seq_len)
+        max_steps = max(rp.max_new_tokens for rp in rows)
+        stop_ids = [set(rp.stop_token_ids or self.default_stop_ids) for rp in rows]
+        rngs = [make_rng(rp.seed) for rp in rows] if per_row else [make_rng(params.seed)]
         results = [Generation(prompt_ids=p) for p in prompts]
         decoders = [StreamDecoder(self.tokenizer) if self.tokenizer is not None else None for _ in prompts]
-        matchers = [StopMatcher(params.stop_strings) for _ in prompts]
+        matchers = [StopMatcher(rp.stop_strings) for rp in rows]
         done = np.zeros(b, dtype=bool)
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         history = [list(p) for p in prompts]
         timings = Timings()
 
-        cache = self.backend.new_cache(b)
-        t0 = time.perf_counter()
-        logits = self._step(cache, prefill_feed(prompts, self.max_seq_len, self.pad_id), np.zeros(b, dtype=np.int64))
-        timings.prefill_s = time.perf_counter() - t0
-        t_dec = time.perf_counter()
-        for step in range(params.max_new_tokens):
-            nxt = sample_next(logits[:, -1, :], params, rng, history if params.repetition_penalty != 1.0 else None)
-            for r in range(b):
-                if done[r]:
-                    continue
-                tok = int(nxt[r])
-                if tok in stop_ids:
-                    done[r], results[r].finish_reason = True, "stop"
-                    continue
-                results[r].token_ids.append(tok)
-                history[r].append(tok)
-                timings.new_tokens += 1
-                if decoders[r] is not None:
-                    self._emit(r, decoders[r].push(tok), results, matchers, done, on_text)
-            if done.all() or step == params.max_new_tokens - 1:
-                break
-            logits = self._step(cache, decode_feed(nxt, lengths, self.max_seq_len), lengths)
-            lengths = lengths + 1
-            timings.decode_steps += 1
-        timings.decode_s = time.perf_counter() - t_dec
-        for r in range(b):
+        def finish(r: int) -> None:
+            # Flush the row's held-back text as soon as it is complete, so a stream ends without
+            # waiting for the rest of the batch.
+            done[r] = True
             if decoders[r] is not None and not matchers[r].stopped:
                 self._emit(r, decoders[r].flush(), results, matchers, done, on_text)
                 tail = matchers[r].flush()
@@ -157,7 +155,63 @@ class Generator:
                     results[r].text += tail
                     if on_text:
                         on_text(r, tail)
+            if on_finish:
+                on_finish(r, results[r])
+
+        cache = self.backend.new_cache(b)
+        t0 = time.perf_counter()
+        logits = self._step(cache, prefill_feed(prompts, self.max_seq_len, self.pad_id), np.zeros(b, dtype=np.int64))
+        timings.prefill_s = time.perf_counter() - t0
+        t_dec = time.perf_counter()
+        for step in range(max_steps):
+            if should_stop is not None:
+                for r in range(b):
+                    if not done[r] and should_stop(r):
+                        results[r].finish_reason = "cancelled"
+                        finish(r)
+                if done.all():
+                    break
+            nxt = self._sample(logits[:, -1, :], rows, rngs, history, done, per_row)
+            for r in range(b):
+                if done[r]:
+                    continue
+                tok = int(nxt[r])
+                if tok in stop_ids[r]:
+                    results[r].finish_reason = "stop"
+                    finish(r)
+                    continue
+                results[r].token_ids.append(tok)
+                history[r].append(tok)
+                timings.new_tokens += 1
+                if decoders[r] is not None:
+                    self._emit(r, decoders[r].push(tok), results, matchers, done, on_text)
+                if done[r] or len(results[r].token_ids) >= rows[r].max_new_tokens:
+                    finish(r)
+            if done.all() or step == max_steps - 1:
+                break
+            # Finished rows keep their write position: they are still computed (the batch shape is
+            # static) but never advance past the slots their own request was checked to fit in.
+            live = ~done
+            logits = self._step(cache, decode_feed(nxt, lengths, self.max_seq_len), lengths)
+            lengths = lengths + live
+            timings.decode_steps += 1
+        timings.decode_s = time.perf_counter() - t_dec
+        for r in range(b):
+            if not done[r]:
+                finish(r)
         return results, timings
+
+    def _sample(self, logits: np.ndarray, rows: list[SamplingParams], rngs: list[np.random.Generator],
+                history: list[list[int]], done: np.ndarray, per_row: bool) -> np.ndarray:
+        if not per_row:
+            params = rows[0]
+            return sample_next(logits, params, rngs[0], history if params.repetition_penalty != 1.0 else None)
+        nxt = np.full(len(rows), self.pad_id, dtype=np.int64)
+        for r, rp in enumerate(rows):
+            if not done[r]:
+                prev = [history[r]] if rp.repetition_penalty != 1.0 else None
+                nxt[r] = sample_next(logits[r:r + 1], rp, rngs[r], prev)[0]
+        return nxt
 
     @staticmethod
     def _emit(r: int, delta: str, results, matchers, done, on_text) -> None:

@@ -24,6 +24,7 @@ class OrtBackend(Backend):
     """Runs model.onnx with onnxruntime.InferenceSession."""
 
     name = "ort"
+    thread_safe = True  # InferenceSession.run is documented thread-safe; each batch has its own cache
 
     def __init__(self, model_path: str | Path, spec: IOSpec, threads: int | None = None,
                  providers: list[str] | None = None, optimized_model_path: str | Path | None = None):

@@ -1,0 +1,145 @@
+"""Load test for `qwen2edge serve`: throughput and latency at several concurrency levels.
+
+Against a running server (--url), or one this script starts on a bundle (--bundle, default: the
+`qwen2edge demo` bundle of SmolLM2-135M-Instruct in ~/.cache/qwen2edge). Each level runs N streaming
+chat requests (greedy, fixed max_tokens) from C concurrent clients and prints one table row:
+completion tokens/s and requests/s over the level's wall time, p50/p95 end-to-end latency and p50/p95
+time to first token, and the throughput relative to concurrency 1 measured in the same run.
+
+    python benchmarks/serve_load.py                       # starts a server on the demo bundle
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+DEMO_BUNDLE = Path(os.environ.get("QWEN2EDGE_CACHE", Path.home() / ".cache" / "qwen2edge")) / \
+    "smollm2-135m-instruct-onnx-fp32"
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
+             "Who wrote Hamlet?", "Give me a synonym for happy.", "What is the boiling point of water?",
+             "Name a planet in the solar system.", "What language is spoken in Brazil?"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+async def one_request(http: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:200]}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif ttft is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - t0
+    return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": tokens}
+
+
+async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    results: list[dict] = []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            results.append(await one_request(http, url, model, queue.get_nowait(), max_tokens))
+
+    limits = httpx.Limits(max_connections=concurrency + 1)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = [r["latency"] for r in results]
+    ttft = [r["ttft"] for r in results]
+    return {"concurrency": concurrency, "requests": requests, "tokens": sum(r["tokens"] for r in results),
+            "wall_s": wall, "tok_s": sum(r["tokens"] for r in results) / wall, "req_s": requests / wall,
+            "p50": statistics.median(lat), "p95": percentile(lat, 95),
+            "ttft50": statistics.median(ttft), "ttft95": percentile(ttft, 95)}
+
+
+def start_server(bundle: Path, port: int, max_concurrency: int, max_batch: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "qwen2edge.cli", "serve", str(bundle), "--port", str(port), "--served-model-name",
+           "bench", "--max-concurrency", str(max_concurrency), "--max-batch", str(max_batch), "--max-queue", "256"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            sys.exit(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit("the server did not start in 5 minutes")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server (default: start one on --bundle)")
+    ap.add_argument("--model", default="bench", help="model id the server serves (with --url)")
+    ap.add_argument("--bundle", type=Path, default=DEMO_BUNDLE)
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--max-concurrency", type=int, default=16, help="server setting when started here")
+    ap.add_argument("--max-batch", type=int, default=16, help="server setting when started here")
+    ap.add_argument("--levels", default="1,4,16", help="client concurrency levels")
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    args = ap.parse_args()
+
+    proc = None
+    url, model = args.url, args.model
+    if url is None:
+        if not (args.bundle / "manifest.json").is_file():
+            sys.exit(f"no bundle at {args.bundle}: run `qwen2edge demo` once, or pass --bundle / --url")
+        proc = start_server(args.bundle, args.port, args.max_concurrency, args.max_batch)
+        url, model = f"http://127.0.0.1:{args.port}", "bench"
+    try:
+        asyncio.run(run_level(url, model, 1, 1, args.max_tokens))  # warm-up: sessions, allocator, caches
+        rows = []
+        for c in (int(x) for x in args.levels.split(",")):
+            rows.append(asyncio.run(run_level(url, model, c, max(4, c * args.requests_per_client), args.max_tokens)))
+            print(f"  concurrency {c}: done in {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+    print(f"\nserver {url}, model {model}, greedy chat, max_tokens {args.max_tokens}, streaming; "
+          f"{os.cpu_count()} CPUs visible")
+    head = ("concurrency", "requests", "tokens", "tok/s", "req/s", "p50 s", "p95 s", "TTFT p50", "TTFT p95",
+            "tok/s vs c=1")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    base = rows[0]["tok_s"]
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | {r['req_s']:.2f} | "
+              f"{r['p50']:.2f} | {r['p95']:.2f} | {r['ttft50']:.2f} | {r['ttft95']:.2f} | "
+              f"{r['tok_s'] / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

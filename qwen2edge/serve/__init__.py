@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving over the torch-free runtime (needs the `serve` extra)."""

@@ -1,0 +1,262 @@
+"""The FastAPI application: OpenAI routes, health, metrics, auth and error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import InputError
+from ..runtime.bundle import Bundle
+from ..runtime.generator import Generator
+from ..runtime.sampling import SamplingParams
+from .metrics import Metrics
+from .responses import ClientGone, Shape, SSEResponse, stream_events, wait_result
+from .schemas import APIError, ChatRequest, CompletionRequest, parse
+from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_BODY_BYTES = 8 * 2**20  # far above any prompt that fits a context; bounds memory per request
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass
+class ServeSettings:
+    """What `qwen2edge serve` was told."""
+
+    model_name: str
+    api_key: str | None = None
+    max_concurrency: int = 8
+    max_batch: int = 8
+    max_queue: int = 64
+
+
+class _State:
+    def __init__(self, bundle: Bundle, generator: Generator, settings: ServeSettings):
+        self.bundle, self.generator, self.settings = bundle, generator, settings
+        self.tokenizer = bundle.tokenizer
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(generator, settings.max_concurrency, settings.max_batch, settings.max_queue,
+                                   metrics=self.metrics)
+        self.created = int(time.time())
+
+    def check_auth(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not given:
+            raise APIError(401, "You didn't provide an API key: send it as 'Authorization: Bearer KEY'",
+                           code="missing_api_key")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    def check_model(self, model: str) -> None:
+        if model != self.settings.model_name:
+            raise APIError(404, f"The model '{model}' does not exist: this server serves "
+                           f"'{self.settings.model_name}' (see GET /v1/models)", param="model", code="model_not_found")
+
+    def sampling(self, req: Any, prompt_len: int, max_tokens: int | None, param: str) -> SamplingParams:
+        limit = self.bundle.max_seq_len
+        if max_tokens is None:  # chat: up to the rest of the context, as OpenAI does
+            max_tokens = limit - prompt_len
+        if prompt_len + max_tokens > limit or max_tokens < 1:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the {param}, "
+                           f"{max(max_tokens, 1)} in the completion). Please reduce the length of the {param} "
+                           "or the completion.", param=param, code="context_length_exceeded")
+        try:
+            return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
+                                  top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed,
+                                  stop_strings=tuple(req.stop or ()))
+        except InputError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+
+    def submit(self, ids: list[int], params: SamplingParams) -> Job:
+        job = Job(ids, params, asyncio.get_running_loop())
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as exc:
+            raise APIError(429, f"the server is at capacity ({self.settings.max_queue} requests queued): retry "
+                           f"after {exc.retry_after} s", type_="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(exc.retry_after)}) from None
+        except ShuttingDown:
+            raise APIError(503, "the server is shutting down: retry on another replica", type_="server_error",
+                           code="shutting_down") from None
+        self.metrics.prompt_tokens.inc(len(ids))
+        return job
+
+
+def create_app(bundle: Bundle, generator: Generator, settings: ServeSettings,
+               on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """An ASGI app serving `generator` under the OpenAI API; the scheduler runs for the app's lifespan."""
+    state = _State(bundle, generator, settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        state.scheduler.start()
+        if on_ready:
+            on_ready()
+        try:
+            yield
+        finally:
+            # The HTTP server has drained in-flight requests by now (or given up); cancel the rest.
+            await anyio.to_thread.run_sync(state.scheduler.close)
+
+    app = FastAPI(title="qwen2edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.qwen2edge = state
+    app.add_middleware(_CountRequests, metrics=state.metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_request: Request, _exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, /metrics counts it
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        logging.getLogger("qwen2edge.serve").error("unhandled error", exc_info=exc)
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model_name}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        state.check_auth(request)
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request) -> dict[str, Any]:
+        state.check_auth(request)
+        state.check_model(model)
+        return _model_card(state)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        state.check_auth(request)
+        req: CompletionRequest = parse(CompletionRequest, await _json(request))
+        state.check_model(req.model)
+        prompt = req.single_prompt()
+        if isinstance(prompt, str):
+            ids, prompt_text = await anyio.to_thread.run_sync(state.tokenizer.encode, prompt), prompt
+        else:
+            vocab = bundle.config.vocab_size
+            bad = [i for i in prompt if not 0 <= i < vocab]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+            ids, prompt_text = list(prompt), state.tokenizer.decode(prompt, skip_special_tokens=False)
+        if not ids:
+            raise APIError(400, "prompt encodes to no tokens: give some text", param="prompt")
+        params = state.sampling(req, len(ids), req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
+        job = state.submit(ids, params)
+        shape = Shape("cmpl", "text_completion", settings.model_name, chat=False)
+        echo = prompt_text if req.echo else ""
+        if req.stream:
+            return SSEResponse(stream_events(state.metrics, job, shape, req.include_usage, echo),
+                               media_type="text/event-stream")
+        result = await wait_result(job, request)
+        return shape.full(echo + result.text, result, "/v1/completions", state.metrics, job)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        state.check_auth(request)
+        req: ChatRequest = parse(ChatRequest, await _json(request))
+        state.check_model(req.model)
+        messages = req.template_messages()
+        try:
+            text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except InputError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        # Off the event loop: a long prompt must not stall the other clients' streams.
+        ids = await anyio.to_thread.run_sync(state.tokenizer.encode, text)
+        params = state.sampling(req, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
+        job = state.submit(ids, params)
+        shape = Shape("chatcmpl", "chat.completion", settings.model_name, chat=True)
+        if req.stream:
+            return SSEResponse(stream_events(state.metrics, job, shape, req.include_usage, ""),
+                               media_type="text/event-stream")
+        result = await wait_result(job, request)
+        return shape.full(result.text, result, "/v1/chat/completions", state.metrics, job)
+
+    return app
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+async def _json(request: Request) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:  # chunked uploads declare no length
+            raise _too_large()
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc}): send a JSON object with "
+                       "'Content-Type: application/json'", code="invalid_json") from None
+
+
+def _too_large() -> APIError:
+    return APIError(413, f"the request body exceeds {MAX_BODY_BYTES // 2**20} MiB; no prompt that fits the "
+                    "context needs that much: shorten it", code="request_too_large")
+
+
+def _model_card(state: _State) -> dict[str, Any]:
+    return {"id": state.settings.model_name, "object": "model", "created": state.created, "owned_by": "qwen2edge",
+            "max_model_len": state.bundle.max_seq_len}
+
+
+class _CountRequests:
+    """ASGI middleware counting answered requests by route and status (streaming-safe, unlike
+    BaseHTTPMiddleware, which would hide disconnects from the stream)."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def _send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        path = scope.get("path", "")
+        endpoint = "/v1/models" if path.startswith("/v1/models") else path if path in ROUTES else "other"
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()

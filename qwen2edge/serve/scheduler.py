@@ -1,0 +1,194 @@
+"""Owns the generator: a bounded queue of requests, drained by worker threads in padded batches.
+
+Each worker takes up to `max_batch` waiting requests and runs them as one right-padded batch with
+per-row SamplingParams (runtime.generator): every row has its own cache slots, sampler and stop
+state, so a request's output does not depend on what it was batched with. Workers share the backend
+only when it says its `infer` is thread-safe; otherwise one worker runs.
+
+Events for a request (text deltas, then its result) are handed to the asyncio loop that submitted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..runtime.generator import Generation, Generator
+from ..runtime.sampling import SamplingParams
+from .metrics import Metrics
+
+
+class QueueFull(Exception):
+    """The wait queue is at --max-queue; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("queue full")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The server is draining and takes no new requests."""
+
+
+@dataclass
+class Job:
+    """One request's generation: inputs, a cancel flag, and the event queue its handler reads."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    first_text_at: float | None = None
+
+    def cancel(self) -> None:
+        """Stop generating for this request (client gone); its batch row stops at the next step."""
+        self.cancelled.set()
+
+    def _post(self, kind: str, payload: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop closed: nobody is listening any more
+            pass
+
+
+class Scheduler:
+    """Bounded admission + batched execution over one Generator."""
+
+    def __init__(self, generator: Generator, max_concurrency: int = 8, max_batch: int = 8, max_queue: int = 64,
+                 batch_wait_s: float = 0.005, metrics: Metrics | None = None):
+        self.generator = generator
+        self.max_batch = max(1, min(max_batch, max_concurrency))
+        workers = math.ceil(max_concurrency / self.max_batch)
+        self.workers = workers if getattr(generator.backend, "thread_safe", False) else 1
+        self.max_queue = max_queue
+        self.batch_wait_s = batch_wait_s
+        self.metrics = metrics or Metrics()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False  # no new jobs
+        self._abort = False  # cancel running rows too
+        self._running = 0
+        self._avg_latency = 1.0
+        self._threads = [threading.Thread(target=self._worker, name=f"qwen2edge-gen-{i}", daemon=True)
+                         for i in range(self.workers)]
+
+    @property
+    def capacity(self) -> int:
+        """Requests that can generate at the same time."""
+        return self.workers * self.max_batch
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raise QueueFull when --max-queue requests already wait, ShuttingDown when closing."""
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown()
+            self._drop_cancelled()
+            # Admitted work is bounded by the slots plus the queue; --max-queue 0 still admits
+            # requests while slots are free.
+            if len(self._pending) + self._running >= self.capacity + self.max_queue:
+                # Roughly when a slot frees up: the queue ahead drains at `capacity` per average latency.
+                waves = (len(self._pending) + self._running) / self.capacity
+                raise QueueFull(max(1, math.ceil(waves * self._avg_latency)))
+            self._pending.append(job)
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel whatever still waits or runs and join the workers (the HTTP layer drains first)."""
+        with self._cond:
+            self._closing = self._abort = True
+            for job in self._pending:
+                job.cancel()
+                job._post("error", ShuttingDown())
+            self._pending.clear()
+            self.metrics.queue_depth.set(0)
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    # ---- worker side ---------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        if any(j.cancelled.is_set() for j in self._pending):
+            self._pending = collections.deque(j for j in self._pending if not j.cancelled.is_set())
+            self.metrics.queue_depth.set(len(self._pending))
+
+    def _take_batch(self) -> list[Job] | None:
+        with self._cond:
+            while True:
+                self._drop_cancelled()
+                if self._pending or self._closing:
+                    break
+                self._cond.wait()
+            if self._closing and not self._pending:
+                return None
+            if len(self._pending) < self.max_batch and self.batch_wait_s > 0:
+                # Requests of a burst arrive a few ms apart: a short wait lets them share one batch.
+                self._cond.wait(self.batch_wait_s)
+                self._drop_cancelled()
+            batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+            self._running += len(batch)
+            self.metrics.queue_depth.set(len(self._pending))
+            return batch
+
+    def _worker(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        m.batch_size.observe(len(batch))
+        m.running.inc(len(batch))
+        for job in batch:
+            job.started_at = now
+            m.queue_wait.observe(now - job.submitted_at)
+        open_rows = set(range(len(batch)))
+
+        def on_text(r: int, delta: str) -> None:
+            job = batch[r]
+            if job.first_text_at is None:
+                job.first_text_at = time.perf_counter()
+            job._post("text", delta)
+
+        def on_finish(r: int, result: Generation) -> None:
+            open_rows.discard(r)
+            self._release(1, time.perf_counter() - batch[r].submitted_at)
+            m.finished.labels(result.finish_reason).inc()
+            m.generation_tokens.inc(len(result.token_ids))  # cancelled rows' tokens were computed too
+            batch[r]._post("done", result)
+
+        try:
+            self.generator.generate([j.prompt_ids for j in batch], [j.params for j in batch], on_text=on_text,
+                                    should_stop=lambda r: self._abort or batch[r].cancelled.is_set(),
+                                    on_finish=on_finish)
+        except Exception as exc:  # a backend failure fails this batch's requests, not the server
+            for r in sorted(open_rows):
+                self._release(1, None)
+                m.finished.labels("error").inc()
+                batch[r]._post("error", exc)
+
+    def _release(self, rows: int, latency: float | None) -> None:
+        self.metrics.running.dec(rows)
+        with self._cond:
+            self._running -= rows
+            if latency is not None:
+                self._avg_latency = 0.8 * self._avg_latency + 0.2 * latency
