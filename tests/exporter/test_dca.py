@@ -162,3 +162,26 @@ def test_torch_graph_reference_is_proven_against_naive(dca):
     got = teacher_forced(ref, ids[:38], ids[38:], L, 0, extra)
     want = naive.logits(ids, naive.step_temperatures(38, 50))
     assert np.abs(got - want).max() < TOL
+
+
+def test_cache_within_one_period_is_noted_and_runs(tiny_model_factory, tmp_path):
+    """max_seq_len <= period: DCA can never leave the first chunk; the export says so and still works."""
+    from qwen2edge.exporter.export import ExportOptions, export_bundle
+
+    said: list[str] = []
+    out = tmp_path / "b"
+    m = export_bundle(tiny_model_factory("dca"), out, ExportOptions(max_seq_len=10), progress=said.append)
+    assert any("equals plain attention" in n for n in m["long_context"]["notes"])
+    assert any(s.startswith("note: max_seq_len 10 <= DCA period 12") for s in said)
+    bundle = Bundle.open(out)
+    gen = Generator(bundle.backend("ort"), bundle.tokenizer, extra_feed=dca_feed_for(bundle))
+    res, _ = gen.generate([IDS[:4]], SamplingParams(max_new_tokens=6, stop_token_ids=(-1,)))
+    assert len(res[0].token_ids) == 6
+
+
+def test_naive_reference_plain_mode_matches_transformers(tiny_model_factory, hf_reference_factory):
+    """The reference's non-DCA path is transformers' Qwen2, so its DCA path differs only by the spec's rules."""
+    model_dir = tiny_model_factory("gqa")
+    ids = IDS[:30]
+    err = np.abs(NaiveQwen2(model_dir).logits(ids) - hf_reference_factory(model_dir).logits(ids)).max()
+    assert err < 1e-4
