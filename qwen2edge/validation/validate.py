@@ -190,6 +190,9 @@ def validate(model_dir: str | Path, bundle_dir: str | Path, steps: int = 32, bac
     target = _TorchGraphTarget(model_dir, bundle) if bundle.spec.dca else _HFTarget(model_dir)
     summary, threshold = _long_context_threshold(bundle)
     report = ValidationReport(target.name, backend, dtype, steps, asdict(tol), long_context=summary)
+    if bundle.spec.dca and bundle.config.rotary_dim != bundle.config.head_dim:
+        report.notes.append("the PyTorch DCA reference is proven against the naive reference for full-width "
+                            "rotary only; this model rotates part of each head")
     if long_prompt_tokens < 0 or long_prompt_tokens >= bundle.max_seq_len:
         raise InputError(f"--long-prompt-tokens {long_prompt_tokens} must be in 0..{bundle.max_seq_len - 1} "
                          "(below the bundle's max_seq_len): pass a smaller value")

@@ -185,3 +185,21 @@ def test_naive_reference_plain_mode_matches_transformers(tiny_model_factory, hf_
     ids = IDS[:30]
     err = np.abs(NaiveQwen2(model_dir).logits(ids) - hf_reference_factory(model_dir).logits(ids)).max()
     assert err < 1e-4
+
+
+def test_generator_without_dca_inputs_says_how_to_fix(dca):
+    from qwen2edge.errors import InputError
+
+    _, bundle, backend, _, _ = dca
+    with pytest.raises(InputError, match="dca_feed_for"):
+        Generator(backend, bundle.tokenizer)
+
+
+def test_decode_reads_the_cache_without_copying_it(dca, tmp_path):
+    """After ONNX Runtime's optimizations the cache feeds MatMuls directly (the K transpose is fused),
+    so a DCA step never materialises a copy of the cache."""
+    _, bundle, *_ = dca
+    opt = tmp_path / "opt.onnx"
+    bundle.backend("ort", optimized_model_path=opt)
+    consumers = {n.op_type for n in onnx.load(str(opt)).graph.node for i in n.input if i.startswith("past_")}
+    assert consumers <= {"Shape", "Unsqueeze", "MatMul", "FusedMatMul"}, consumers
