@@ -73,7 +73,7 @@ def resolve_max_seq_len(cfg: ModelConfig, requested: int | None) -> int:
         raise InputError(f"--max-seq-len must be positive, got {requested}: pass e.g. --max-seq-len 2048")
     if requested > limit:
         raise InputError(
-            f"--max-seq-len {requested} exceeds the rotary table this model supports ({limit} positions): "
+            f"--max-seq-len {requested} exceeds what this model supports (its rotary table covers {limit} positions): "
             f"pass --max-seq-len {limit} or less, or extend the context with --rope-scaling yarn --rope-factor F "
             "or Dual Chunk Attention (--dca-chunk-size/--dca-local-size)"
         )

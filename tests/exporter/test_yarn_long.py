@@ -1,6 +1,7 @@
 """YaRN exported with a cache longer than original_max_position_embeddings, vs transformers there."""
 
 import numpy as np
+import pytest
 
 from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.validation.validate import teacher_forced
@@ -8,6 +9,7 @@ from qwen2edge.validation.validate import teacher_forced
 L = 256  # the tiny "yarn" model: factor 4 over L0 = 128, max_position_embeddings 512
 
 
+@pytest.mark.slow
 def test_logits_beyond_original_length_match_transformers(tiny_bundle_factory, hf_reference_factory):
     model_dir, bundle_dir = tiny_bundle_factory("yarn", max_seq_len=L)
     bundle = Bundle.open(bundle_dir)
