@@ -101,13 +101,23 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--trt-check", type=click.Choice([*TRT_TARGETS, "none"]), default="trt-10.3", show_default=True,
               help="Lint the graph for this TensorRT target and report findings (never fails the export).")
-def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int, trt_check: str) -> None:
-    """Export a Qwen2 checkpoint directory to an ONNX bundle."""
+@click.option("--rope-scaling", type=str, default=None,
+              help="Override config.json's rope scaling: yarn, or none. [default: as in config.json]")
+@click.option("--rope-factor", type=float, default=None, help="YaRN factor (> 1), e.g. 4.")
+@click.option("--original-max-position-embeddings", type=int, default=None,
+              help="YaRN's pre-extension length L0, e.g. 32768.")
+@click.option("--dca-chunk-size", type=int, default=None, help="Dual Chunk Attention chunk size C.")
+@click.option("--dca-local-size", type=int, default=None, help="Dual Chunk Attention local size w (< C).")
+@click.option("--dca-original-max-position-embeddings", type=int, default=None,
+              help="DCA temperature length L0 (0 disables the temperature).")
+def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int, trt_check: str,
+           **long_context: Any) -> None:
+    """Export a Qwen2 checkpoint directory to an ONNX bundle (YaRN / DCA overrides optional)."""
     from .exporter.export import ExportOptions, export_bundle
 
-    export_bundle(model_dir, out_dir, ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset,
-                                                    trt_check=None if trt_check == "none" else trt_check),
-                  progress=progress)
+    options = ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset,
+                            trt_check=None if trt_check == "none" else trt_check, **long_context)
+    export_bundle(model_dir, out_dir, options, progress=progress)
 
 
 def engine_limit_options(f: Callable) -> Callable:
@@ -227,13 +237,16 @@ def generate(bundle_dir: str, prompt: str | None, prompt_ids: str | None, chat: 
 @click.argument("bundle_dir", type=click.Path(path_type=str))
 @click.option("--steps", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Teacher-forced decode steps and greedy tokens compared.")
+@click.option("--long-prompt-tokens", type=int, default=0, show_default=True,
+              help="Add a prompt of this many tokens (reach past YaRN's L0 or DCA's chunk period).")
 @click.option("--json", "as_json", is_flag=True)
 @backend_option
-def validate(model_dir: str, bundle_dir: str, steps: int, as_json: bool, backend: str) -> None:
-    """Compare a bundle with transformers (prefill, decode steps, greedy); non-zero exit on failure."""
+def validate(model_dir: str, bundle_dir: str, steps: int, long_prompt_tokens: int, as_json: bool, backend: str) -> None:
+    """Compare a bundle with its reference (transformers; for DCA the project's PyTorch graph)."""
     from .validation.validate import require_pass, validate as run
 
-    report = run(model_dir, bundle_dir, steps=steps, backend=backend, progress=progress)
+    report = run(model_dir, bundle_dir, steps=steps, backend=backend, long_prompt_tokens=long_prompt_tokens,
+                 progress=progress)
     click.echo(json.dumps(report.to_dict(), ensure_ascii=False) if as_json else report.table())
     require_pass(report)
 

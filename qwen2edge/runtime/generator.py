@@ -104,6 +104,9 @@ class Generator:
         self.max_seq_len = backend.spec.max_seq_len
         self.default_stop_ids = tuple(stop_token_ids)
         self.extra_feed = extra_feed  # e.g. DCA position indices computed on the host
+        if backend.spec.dca and extra_feed is None:
+            raise InputError("this bundle uses Dual Chunk Attention and needs its host-side inputs: pass "
+                             "extra_feed=runtime.api.dca_feed_for(bundle) (runtime.api.load_generator does)")
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         self.pad_id = int(pad if pad is not None else (self.default_stop_ids or (0,))[0])
 

@@ -9,11 +9,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import ValidationError
+from ..errors import InputError, ValidationError
+from ..runtime.api import dca_feed_for
 from ..runtime.bundle import Bundle
 from ..runtime.generator import Generator, decode_feed, prefill_feed
 from ..runtime.sampling import SamplingParams
 from .reference import HFReference
+
+ExtraFeed = Callable[[dict, np.ndarray], dict] | None
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -63,6 +66,8 @@ class ValidationReport:
     prompts: list[PromptResult] = field(default_factory=list)
     passed: bool = False
     failures: list[str] = field(default_factory=list)
+    long_context: str = "plain RoPE"
+    notes: list[str] = field(default_factory=list)
 
     @property
     def max_abs(self) -> float:
@@ -85,6 +90,8 @@ class ValidationReport:
             rows.append(f"{p.prompt[:34]:<34} {p.prompt_tokens:>4} {p.prefill_max_abs:>11.2e} {p.decode_max_abs:>11.2e} "
                         f"{rel:>9.2e} {p.top1_agreement:>6.1%} {p.greedy_match:>3}/{p.greedy_steps:<3}")
         verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        rows += [f"note: {n}" for n in self.notes]
+        rows.append(f"long context: {self.long_context}")
         rows.append(f"reference: {self.reference}; backend {self.backend}, {self.dtype}; {verdict}")
         return "\n".join(rows)
 
@@ -94,39 +101,116 @@ def _errors(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return float(diff.max()), float((diff / (np.abs(ref).max(axis=-1, keepdims=True) + 1e-6)).max())
 
 
-def teacher_forced(backend, prompt: list[int], forced: list[int], max_seq_len: int, pad_id: int) -> np.ndarray:
-    """Logits [len(prompt) + len(forced), V]: prefill every prompt position, then feed `forced` one by one."""
+def teacher_forced(backend, prompt: list[int], forced: list[int], max_seq_len: int, pad_id: int,
+                   extra_feed: ExtraFeed = None) -> np.ndarray:
+    """Logits [len(prompt) + len(forced), V]: prefill every prompt position, then feed `forced` one by one.
+
+    `extra_feed(feed, write_pos)` adds mode-specific inputs (DCA position indices)."""
+    def step(cache, feed, write_pos):
+        if extra_feed is not None:
+            feed = {**feed, **extra_feed(feed, write_pos)}
+        return backend.step(cache, feed, write_pos)[0]
+
     cache = backend.new_cache(1)
     feed = prefill_feed([prompt], max_seq_len, pad_id)
     feed["logits_index"] = np.arange(len(prompt), dtype=np.int64)[None]
-    rows = [backend.step(cache, feed, np.zeros(1, dtype=np.int64))[0]]
+    rows = [step(cache, feed, np.zeros(1, dtype=np.int64))]
     length = np.array([len(prompt)], dtype=np.int64)
     for tok in forced:
-        rows.append(backend.step(cache, decode_feed(np.array([tok]), length, max_seq_len), length)[0])
+        rows.append(step(cache, decode_feed(np.array([tok]), length, max_seq_len), length))
         length = length + 1
     return np.concatenate(rows, axis=0)
 
 
+class _HFTarget:
+    """transformers as the reference: greedy tokens and one full forward."""
+
+    def __init__(self, model_dir):
+        self.ref = HFReference(model_dir)
+        self.name = "transformers Qwen2ForCausalLM fp32"
+
+    def run(self, ids: list[int], steps: int, max_seq_len: int, pad_id: int) -> tuple[list[int], np.ndarray]:
+        tokens = self.ref.greedy(ids, steps)
+        return tokens, self.ref.logits(ids + tokens)[: len(ids) + steps]
+
+
+class _TorchGraphTarget:
+    """The project's eager PyTorch graph through the same DCA feeds (transformers has no DCA)."""
+
+    def __init__(self, model_dir, bundle: Bundle):
+        from ..exporter.export import io_spec_for
+        from .torch_graph import REFERENCE_NAME, TorchGraphBackend
+
+        spec = io_spec_for(bundle.config, bundle.max_seq_len, "fp32")
+        self.backend = TorchGraphBackend(model_dir, bundle.config, spec)
+        self.extra = dca_feed_for(bundle)
+        self.gen = Generator(self.backend, None, extra_feed=self.extra)
+        self.name = REFERENCE_NAME
+
+    def run(self, ids: list[int], steps: int, max_seq_len: int, pad_id: int) -> tuple[list[int], np.ndarray]:
+        res, _ = self.gen.generate([ids], SamplingParams(max_new_tokens=steps, stop_token_ids=(-1,)))
+        tokens = res[0].token_ids
+        return tokens, teacher_forced(self.backend, ids, tokens, max_seq_len, pad_id, self.extra)
+
+
+def long_prompt(bundle: Bundle, n_tokens: int) -> list[int]:
+    """A deterministic natural-text prompt of exactly n_tokens (the default prompts repeated)."""
+    base: list[int] = []
+    while len(base) < n_tokens:
+        for text in DEFAULT_PROMPTS:
+            base += bundle.tokenizer.encode(text + "\n")
+    return base[:n_tokens]
+
+
+def _long_context_threshold(bundle: Bundle) -> tuple[str, int | None]:
+    """(summary, the position past which the long-context mode matters) for the report."""
+    lc = bundle.manifest.get("long_context") or {}
+    cfg = bundle.config
+    if cfg.dual_chunk is not None:
+        return lc.get("summary", "DCA"), cfg.dual_chunk.period
+    if cfg.rope_scaling is not None:
+        return lc.get("summary", "YaRN"), cfg.rope_scaling.original_max_position_embeddings or cfg.max_position_embeddings
+    return "plain RoPE", None
+
+
 def validate(model_dir: str | Path, bundle_dir: str | Path, steps: int = 32, backend: str = "ort",
-             prompts: Sequence[str] = DEFAULT_PROMPTS, chat: bool = True,
+             prompts: Sequence[str] = DEFAULT_PROMPTS, chat: bool = True, long_prompt_tokens: int = 0,
              progress: Callable[[str], None] = lambda s: None) -> ValidationReport:
-    """Compare the bundle with transformers; the report's `passed` applies the dtype's tolerance."""
+    """Compare the bundle with its reference; the report's `passed` applies the dtype's tolerance.
+
+    Reference: transformers (plain RoPE and YaRN), or for Dual Chunk Attention the project's eager
+    PyTorch graph (see torch_graph.py). `long_prompt_tokens` adds a prompt of that many tokens, to
+    reach positions beyond YaRN's original length or DCA's chunk period."""
     bundle = Bundle.open(bundle_dir)
     dtype = bundle.manifest["dtype"]
     tol = TOLERANCES[dtype]
     runner = bundle.backend(backend)
-    gen = Generator(runner, bundle.tokenizer, bundle.stop_token_ids())
-    ref = HFReference(model_dir)
-    report = ValidationReport("transformers Qwen2ForCausalLM fp32", backend, dtype, steps, asdict(tol))
+    extra = dca_feed_for(bundle)
+    gen = Generator(runner, bundle.tokenizer, bundle.stop_token_ids(), extra_feed=extra)
+    target = _TorchGraphTarget(model_dir, bundle) if bundle.spec.dca else _HFTarget(model_dir)
+    summary, threshold = _long_context_threshold(bundle)
+    report = ValidationReport(target.name, backend, dtype, steps, asdict(tol), long_context=summary)
+    if bundle.spec.dca and bundle.config.rotary_dim != bundle.config.head_dim:
+        report.notes.append("the PyTorch DCA reference is proven against the naive reference for full-width "
+                            "rotary only; this model rotates part of each head")
+    if long_prompt_tokens < 0 or long_prompt_tokens >= bundle.max_seq_len:
+        raise InputError(f"--long-prompt-tokens {long_prompt_tokens} must be in 0..{bundle.max_seq_len - 1} "
+                         "(below the bundle's max_seq_len): pass a smaller value")
     use_chat = chat and bundle.tokenizer.has_chat_template
+    cases: list[tuple[str, list[int]]] = []
     for text in prompts:
-        progress(f"validating: {text[:40]!r}")
         rendered = bundle.tokenizer.chat_prompt(text) if use_chat else text
-        ids = bundle.tokenizer.encode(rendered)
+        cases.append((text, bundle.tokenizer.encode(rendered)))
+    if long_prompt_tokens:
+        cases.append((f"<long prompt, {long_prompt_tokens} tokens>", long_prompt(bundle, long_prompt_tokens)))
+    longest = 0
+    for text, ids in cases:
+        progress(f"validating: {text[:40]!r} ({len(ids)} tokens)")
         steps_here = min(steps, bundle.max_seq_len - len(ids))
-        ref_tokens = ref.greedy(ids, steps_here)
-        ref_logits = ref.logits(ids + ref_tokens)[: len(ids) + steps_here].astype(np.float64)
-        ours = teacher_forced(runner, ids, ref_tokens, bundle.max_seq_len, gen.pad_id)
+        ref_tokens, ref_logits = target.run(ids, steps_here, bundle.max_seq_len, gen.pad_id)
+        ref_logits = ref_logits.astype(np.float64)
+        longest = max(longest, len(ids) + steps_here)
+        ours = teacher_forced(runner, ids, ref_tokens, bundle.max_seq_len, gen.pad_id, extra)
         pre_abs, pre_rel = _errors(ours[: len(ids)], ref_logits[: len(ids)])
         dec_abs, dec_rel = _errors(ours[len(ids):], ref_logits[len(ids):])
         top1 = float((ours.argmax(-1) == ref_logits.argmax(-1)).mean())
@@ -142,6 +226,9 @@ def validate(model_dir: str | Path, bundle_dir: str | Path, steps: int = 32, bac
             report.failures.append(f"top-1 agreement {p.top1_agreement:.1%} < {tol.min_top1:.0%} on {p.prompt[:20]!r}")
         if tol.require_greedy_match and p.greedy_match < p.greedy_steps:
             report.failures.append(f"greedy diverges at token {p.greedy_match} on {p.prompt[:20]!r}")
+    if threshold is not None and longest <= threshold:
+        report.notes.append(f"no sequence went past position {threshold}, where the long-context mode starts to "
+                            f"matter: add --long-prompt-tokens N (N > {threshold}) to cover it")
     report.passed = not report.failures
     return report
 
