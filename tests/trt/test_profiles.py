@@ -26,8 +26,8 @@ def test_every_input_gets_min_opt_max_in_both_profiles():
     assert prefill.shapes["input_ids"] == ((1, 1), (1, 64), (4, 64))
     assert prefill.shapes["attention_mask"] == ((1, L + 1), (1, L + 64), (4, L + 64))
     assert prefill.shapes["logits_index"] == ((1, 1), (1, 1), (4, 8))
-    assert prefill.shapes["dca_k_chunk"] == ((1, L + 1), (1, L + 64), (4, L + 64))
-    assert prefill.shapes["dca_logit_scale"] == ((1,), (1,), (4,))
+    assert prefill.shapes[io_spec.DCA_K_CHUNK] == ((1, L + 1), (1, L + 64), (4, L + 64))
+    assert prefill.shapes[io_spec.DCA_SCALE] == ((1,), (1,), (4,))
     assert prefill.shapes["past_key.1"] == ((1, 2, L, 16), (1, 2, L, 16), (4, 2, L, 16))
     # decode: one token, one logit row, opt at the full batch
     assert decode.shapes["input_ids"] == ((1, 1), (4, 1), (4, 1))
