@@ -96,11 +96,15 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--max-seq-len", type=int, default=None, help="KV-cache length (default min(model limit, 2048)).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True)
-def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int) -> None:
+@click.option("--debug-hidden-states", is_flag=True,
+              help="Debug export: also output every layer's hidden state (for `compare`); not for shipping.")
+def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int,
+           debug_hidden_states: bool) -> None:
     """Export a Qwen2 checkpoint directory to an ONNX bundle."""
     from .exporter.export import ExportOptions, export_bundle
 
-    export_bundle(model_dir, out_dir, ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset), progress=progress)
+    export_bundle(model_dir, out_dir, ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset,
+                                                    debug_hidden_states=debug_hidden_states), progress=progress)
 
 
 @main.command()
@@ -145,6 +149,42 @@ def validate(model_dir: str, bundle_dir: str, steps: int, as_json: bool, backend
     report = run(model_dir, bundle_dir, steps=steps, backend=backend, progress=progress)
     click.echo(json.dumps(report.to_dict(), ensure_ascii=False) if as_json else report.table())
     require_pass(report)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.argument("bundle_dir", metavar="OUT_DIR", type=click.Path(path_type=str))
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "trt"]),
+              help="Backend to compare (repeatable; default ort). trt needs TensorRT and a GPU.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=str), default=None,
+              help="JSONL prompt file (format in docs/compare.md); default: the built-in set.")
+@click.option("--steps", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Teacher-forced steps and greedy tokens per prompt.")
+@click.option("--report", "report_dir", type=click.Path(path_type=str), default=None,
+              help="Report directory (default: compare-<bundle name> in the current directory).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="KEY=VALUE",
+              help="Override a pass/fail threshold (repeatable), e.g. --threshold max_abs=0.1.")
+@click.option("--no-layers", is_flag=True, help="Skip per-layer drift (saves a debug re-export).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary table.")
+def compare(model_dir: str, bundle_dir: str, backends: tuple[str, ...], prompts_file: str | None, steps: int,
+            report_dir: str | None, thresholds: tuple[str, ...], no_layers: bool, as_json: bool) -> None:
+    """Accuracy report: transformers fp32 vs each backend, per step and per layer; exit 5 on failure."""
+    from pathlib import Path
+
+    from .validation.compare import compare as run
+    from .validation.prompts import BUILTIN, load_prompts
+    from .validation.report import require_pass, summary_table, write_report
+    from .validation.thresholds import parse_overrides
+
+    overrides = parse_overrides(thresholds)
+    prompts = load_prompts(prompts_file) if prompts_file else BUILTIN
+    out = Path(report_dir) if report_dir else Path.cwd() / f"compare-{Path(bundle_dir).absolute().name}"
+    report = run(model_dir, bundle_dir, backends=backends or ("ort",), prompts=prompts, steps=steps,
+                 overrides=overrides, layers=not no_layers, progress=progress)
+    write_report(report, out)
+    click.echo(json.dumps(report, ensure_ascii=False) if as_json else summary_table(report))
+    progress(f"report: {out / 'report.html'} (also report.md, report.json)")
+    require_pass(report, out)
 
 
 @main.command()
