@@ -10,6 +10,7 @@ import pytest
 
 from qwen2edge.errors import ValidationError
 from qwen2edge.exporter.export import ExportOptions, export_bundle
+from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.validation.compare import SCHEMA, SCHEMA_VERSION, compare
 from qwen2edge.validation.prompts import BUILTIN
 from qwen2edge.validation.report import require_pass, write_report
@@ -47,6 +48,8 @@ def test_fp32_report_passes_with_tight_errors(fp32_report):
     md = (out / "report.md").read_text()
     assert md.startswith("# qwen2edge compare: PASS") and "| ort | fp32 |" in md and "## Per-layer drift" in md
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
+    # The shipped graph stays free of debug outputs; only the temporary re-export had them.
+    assert not any(n.startswith("hidden_state.") for n in Bundle.open(report["bundle_dir"]).spec.output_names)
 
 
 def test_fp16_report_is_half_precision_and_passes_fp16_thresholds(tiny_bundle_factory):
@@ -162,3 +165,13 @@ def test_html_report_renders_in_headless_chromium(fp32_report, tmp_path):
     subprocess.run([_chromium(), *flags, "--window-size=1100,1800", f"--screenshot={shot}", (out / "report.html").as_uri()],
                    capture_output=True, timeout=120)
     assert shot.stat().st_size > 10_000  # a real picture, not a blank page
+
+
+@pytest.mark.slow
+def test_default_model_fp32_passes_its_thresholds(smollm2_dir, smollm2_bundle):
+    """The fp32 thresholds hold on the real default model, not only on tiny random ones."""
+    prompts = tuple(p for p in BUILTIN if p.id in ("en-capital", "zh-intro", "ppl-math"))
+    report = compare(smollm2_dir, smollm2_bundle, prompts=prompts, steps=8, layers=False)
+    b = report["backends"][0]
+    assert report["passed"], b["failures"]
+    assert b["summary"]["greedy_match"] == 16 and 1 < b["perplexity"][0]["ppl_ref"] < 1000
