@@ -10,7 +10,7 @@ from .svg import bar_chart, line_chart
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1000px;color:#222}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}.pass{color:#1a7f37;font-weight:bold}.fail{color:#c62828;font-weight:bold}
+td:first-child,th:first-child,td:last-child{text-align:left}.pass{color:#1a7f37;font-weight:bold}.fail{color:#c62828;font-weight:bold}
 .charts{display:flex;flex-wrap:wrap;gap:12px}code{background:#f4f4f4;padding:0 3px}"""
 
 
@@ -97,7 +97,8 @@ def render_html(report: dict[str, Any]) -> str:
             [[escape(p["id"]), escape(p["category"]), str(p["prompt_tokens"]), f"{p['prefill']['max_abs']:.2e}",
               f"{max(s['max_abs'] for s in p['steps']):.2e}", f"{p['top1']:.1%}",
               f"{p['greedy_match']}/{p['greedy_steps']}",
-              f"{escape(p['reference_text'][:80])}<br>{escape(p['backend_text'][:80])}"] for p in b["prompts"]]))
+              f"ref: {escape(p['reference_text'][:80])}<br>got: {escape(p['backend_text'][:80])}"]
+             for p in b["prompts"]]))
         if b["perplexity"]:
             parts.append(_table(["text", "category", "tokens", "ppl ref", "ppl", "delta"],
                                 [[escape(q["id"]), escape(q["category"]), str(q["tokens"]), f"{q['ppl_ref']:.4f}",
