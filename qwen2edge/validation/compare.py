@@ -128,8 +128,6 @@ def _run_ppl(bundle: Bundle, runner: Backend, refs: _RefCache, p: Prompt, pad_id
 def summarize(prompts: list[dict[str, Any]], ppl: list[dict[str, Any]]) -> dict[str, Any]:
     """Aggregates over all prompts of one backend (names match the threshold keys they are checked by)."""
     steps = [s for p in prompts for s in p["steps"]]
-    if not steps:
-        raise InputError("no generate prompts to compare: add at least one line without \"kind\": \"perplexity\"")
     cos = [s["cosine"] for s in steps] + [p["prefill"]["cosine"] for p in prompts]
     return {
         "max_abs": max(max(s["max_abs"] for s in steps), max(p["prefill"]["max_abs"] for p in prompts)),
@@ -175,14 +173,16 @@ def compare(model_dir: str | Path, bundle_dir: str | Path, backends: Sequence[st
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
     backends = list(dict.fromkeys(backends)) or ["ort"]
+    gen_prompts = [p for p in prompts if p.kind == "generate"]
+    ppl_prompts = [p for p in prompts if p.kind == "perplexity"]
+    if not gen_prompts:
+        raise InputError('no prompt to generate from: add at least one line without "kind": "perplexity"')
     bundle = Bundle.open(bundle_dir)
     dtype = bundle.manifest["dtype"]
     th = thresholds_for(dtype, overrides)
     runners = {kind: open_backend(bundle, kind) for kind in backends}  # fail fast, before the slow reference
     progress(f"loading the reference ({REFERENCE}) from {model_dir}")
     refs = _RefCache(HFReference(model_dir))
-    gen_prompts = [p for p in prompts if p.kind == "generate"]
-    ppl_prompts = [p for p in prompts if p.kind == "perplexity"]
     results = []
     for kind, runner in runners.items():
         gen = Generator(runner, bundle.tokenizer, bundle.stop_token_ids())

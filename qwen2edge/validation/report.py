@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ValidationError
+from ..errors import InputError, ValidationError
 from ..manifest import atomic_directory, write_json_atomic
 from .report_html import render_html
+
+REPORT_FILES = ("report.json", "report.md", "report.html")
 
 
 def _f(x: float | None, fmt: str = ".2e") -> str:
@@ -83,6 +85,12 @@ def render_markdown(report: dict[str, Any]) -> str:
 def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
     """Write report.json, report.md and report.html into OUT_DIR (replaced as a whole)."""
     out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        # The directory is replaced as a whole, so never take one holding anything but an older report.
+        other = sorted(p.name for p in out_dir.iterdir() if p.name not in REPORT_FILES)
+        if other:
+            raise InputError(f"--report {out_dir} already holds other files ({', '.join(other[:3])}): "
+                             "choose a new or empty directory for the report")
     with atomic_directory(out_dir) as tmp:
         write_json_atomic(tmp / "report.json", report)
         (tmp / "report.md").write_text(render_markdown(report), encoding="utf-8")

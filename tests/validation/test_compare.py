@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from qwen2edge.errors import ValidationError
+from qwen2edge.errors import InputError, ValidationError
 from qwen2edge.exporter.export import ExportOptions, export_bundle
 from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.validation.compare import SCHEMA, SCHEMA_VERSION, compare
@@ -50,6 +50,17 @@ def test_fp32_report_passes_with_tight_errors(fp32_report):
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
     # The shipped graph stays free of debug outputs; only the temporary re-export had them.
     assert not any(n.startswith("hidden_state.") for n in Bundle.open(report["bundle_dir"]).spec.output_names)
+
+
+def test_report_never_replaces_a_directory_with_other_files(fp32_report, tmp_path):
+    report, _ = fp32_report
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="already holds other files"):
+        write_report(report, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    write_report(report, tmp_path / "r")
+    write_report(report, tmp_path / "r")  # an older report is replaced
+    assert (tmp_path / "r" / "report.html").is_file()
 
 
 def test_fp16_report_is_half_precision_and_passes_fp16_thresholds(tiny_bundle_factory):
