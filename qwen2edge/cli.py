@@ -110,13 +110,16 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--dca-local-size", type=int, default=None, help="Dual Chunk Attention local size w (< C).")
 @click.option("--dca-original-max-position-embeddings", type=int, default=None,
               help="DCA temperature length L0 (0 disables the temperature).")
+@click.option("--debug-hidden-states", is_flag=True,
+              help="Debug export: also output every layer's hidden state (for `compare`); not for shipping.")
 def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int, trt_check: str,
-           **long_context: Any) -> None:
+           debug_hidden_states: bool, **long_context: Any) -> None:
     """Export a Qwen2 checkpoint directory to an ONNX bundle (YaRN / DCA overrides optional)."""
     from .exporter.export import ExportOptions, export_bundle
 
     options = ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset,
-                            trt_check=None if trt_check == "none" else trt_check, **long_context)
+                            trt_check=None if trt_check == "none" else trt_check,
+                            debug_hidden_states=debug_hidden_states, **long_context)
     export_bundle(model_dir, out_dir, options, progress=progress)
 
 
@@ -273,6 +276,42 @@ def serve(bundle_dir: str, backend: str, host: str, port: int, max_concurrency: 
     run(bundle_dir, backend=backend, host=host, port=port, max_concurrency=max_concurrency, max_batch=max_batch,
         max_queue=max_queue, api_key=api_key, model_name=model_name, shutdown_timeout=shutdown_timeout,
         progress=progress)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.argument("bundle_dir", metavar="OUT_DIR", type=click.Path(path_type=str))
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "trt"]),
+              help="Backend to compare (repeatable; default ort). trt needs TensorRT and a GPU.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=str), default=None,
+              help="JSONL prompt file (format in docs/compare.md); default: the built-in set.")
+@click.option("--steps", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Teacher-forced steps and greedy tokens per prompt.")
+@click.option("--report", "report_dir", type=click.Path(path_type=str), default=None,
+              help="Report directory (default: compare-<bundle name> in the current directory).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="KEY=VALUE",
+              help="Override a pass/fail threshold (repeatable), e.g. --threshold max_abs=0.1.")
+@click.option("--no-layers", is_flag=True, help="Skip per-layer drift (saves a debug re-export).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary table.")
+def compare(model_dir: str, bundle_dir: str, backends: tuple[str, ...], prompts_file: str | None, steps: int,
+            report_dir: str | None, thresholds: tuple[str, ...], no_layers: bool, as_json: bool) -> None:
+    """Accuracy report: transformers fp32 vs each backend, per step and per layer; exit 5 on failure."""
+    from pathlib import Path
+
+    from .validation.compare import compare as run
+    from .validation.prompts import BUILTIN, load_prompts
+    from .validation.report import require_pass, summary_table, write_report
+    from .validation.thresholds import parse_overrides
+
+    overrides = parse_overrides(thresholds)
+    prompts = load_prompts(prompts_file) if prompts_file else BUILTIN
+    out = Path(report_dir) if report_dir else Path.cwd() / f"compare-{Path(bundle_dir).absolute().name}"
+    report = run(model_dir, bundle_dir, backends=backends or ("ort",), prompts=prompts, steps=steps,
+                 overrides=overrides, layers=not no_layers, progress=progress)
+    write_report(report, out)
+    click.echo(json.dumps(report, ensure_ascii=False) if as_json else summary_table(report))
+    progress(f"report: {out / 'report.html'} (also report.md, report.json)")
+    require_pass(report, out)
 
 
 @main.command()

@@ -58,6 +58,12 @@ def present_value(i: int) -> str:
     return f"present_value.{i}"
 
 
+def hidden_state(i: int) -> str:
+    """Debug output i, mirroring transformers' output_hidden_states[i]: 0 is the embedding output,
+    i in 1..L-1 the residual stream after decoder layer i-1, L the last layer's output after the final norm."""
+    return f"hidden_state.{i}"
+
+
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": None}  # numpy has no bf16
 ONNX_ELEM = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -84,6 +90,7 @@ class IOSpec:
     max_seq_len: int
     kv_dtype: str
     dca: bool
+    hidden_states: bool = False  # debug export: also outputs hidden_state.0..num_layers
 
     @property
     def input_names(self) -> list[str]:
@@ -110,6 +117,7 @@ class IOSpec:
             "max_seq_len": self.max_seq_len,
             "kv_dtype": self.kv_dtype,
             "dca": self.dca,
+            "hidden_states": self.hidden_states,
         }
 
     @classmethod
@@ -124,6 +132,7 @@ class IOSpec:
             max_seq_len=int(d["max_seq_len"]),
             kv_dtype=d["kv_dtype"],
             dca=bool(d.get("dca", False)),
+            hidden_states=bool(d.get("hidden_states", False)),
         )
 
 
@@ -135,6 +144,8 @@ def build_io_spec(
     max_seq_len: int,
     dtype: str = "fp32",
     dca: bool = False,
+    hidden_states: bool = False,
+    hidden_size: int | None = None,
 ) -> IOSpec:
     """The I/O contract for a model of this shape.
 
@@ -142,6 +153,8 @@ def build_io_spec(
     Causality among the current tokens comes from position_ids (key pos <= query pos).
     logits_index [batch, n_logits]: which current positions get logits (1 for generation, seq for validation).
     With `dca`, the DCA_INPUTS follow logits_index (before the cache), in that order.
+    hidden_states (debug exports, needs hidden_size): adds hidden_state.0..num_layers [batch, seq, hidden] fp32
+    for per-layer drift reports; the default graph is unchanged.
     """
     kv = ONNX_ELEM[dtype]
     cache = (BATCH, num_kv_heads, max_seq_len, head_dim)
@@ -167,4 +180,9 @@ def build_io_spec(
     for i in range(num_layers):
         outputs.append(TensorSpec(present_key(i), kv, (BATCH, num_kv_heads, SEQ, head_dim)))
         outputs.append(TensorSpec(present_value(i), kv, (BATCH, num_kv_heads, SEQ, head_dim)))
-    return IOSpec(tuple(inputs), tuple(outputs), num_layers, max_seq_len, kv, dca)
+    if hidden_states:
+        if hidden_size is None:
+            raise ValueError("hidden_states outputs need hidden_size")
+        # The residual stream is fp32 in every export dtype, so these are fp32 too.
+        outputs += [TensorSpec(hidden_state(i), "float32", (BATCH, SEQ, hidden_size)) for i in range(num_layers + 1)]
+    return IOSpec(tuple(inputs), tuple(outputs), num_layers, max_seq_len, kv, dca, hidden_states)

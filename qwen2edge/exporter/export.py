@@ -46,6 +46,8 @@ class ExportOptions:
         keys = ("rope_scaling", "rope_factor", "original_max_position_embeddings", "dca_chunk_size",
                 "dca_local_size", "dca_original_max_position_embeddings")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+    # Debug exports add hidden_state.{i} outputs (per-layer drift in `qwen2edge compare`); slower, not for shipping.
+    debug_hidden_states: bool = False
 
 
 Progress = Callable[[str], None]
@@ -81,10 +83,11 @@ def resolve_max_seq_len(cfg: ModelConfig, requested: int | None) -> int:
     return requested
 
 
-def io_spec_for(cfg: ModelConfig, max_seq_len: int, dtype: str) -> io_spec.IOSpec:
+def io_spec_for(cfg: ModelConfig, max_seq_len: int, dtype: str, hidden_states: bool = False) -> io_spec.IOSpec:
     """The graph's I/O contract for this config (single source: qwen2edge.io_spec)."""
     return io_spec.build_io_spec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size,
-                                 max_seq_len, dtype, dca=cfg.dual_chunk is not None)
+                                 max_seq_len, dtype, dca=cfg.dual_chunk is not None,
+                                 hidden_states=hidden_states, hidden_size=cfg.hidden_size)
 
 
 def sample_inputs(spec: io_spec.IOSpec, batch: int = 2, seq: int = 3) -> dict[str, np.ndarray]:
@@ -130,12 +133,12 @@ def long_context_record(cfg: ModelConfig, max_seq_len: int, options: ExportOptio
             "dual_chunk": cfg.dual_chunk and cfg.to_dict()["dual_chunk"]}
 
 
-def build_graph(model_dir: Path, cfg: ModelConfig, max_seq_len: int, dtype: str):
+def build_graph(model_dir: Path, cfg: ModelConfig, max_seq_len: int, dtype: str, hidden_states: bool = False):
     """Qwen2Graph with the checkpoint's weights, cast to `dtype`."""
     from ..graphs.model import Qwen2Graph
     from .checkpoint import load_graph_weights
 
-    graph = Qwen2Graph(cfg, max_seq_len, dtype)
+    graph = Qwen2Graph(cfg, max_seq_len, dtype, expose_hidden_states=hidden_states)
     load_graph_weights(graph, cfg, model_dir)
     return graph.cast_weights().eval()
 
@@ -239,11 +242,11 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     long_context = long_context_record(cfg, max_seq_len, options, notes)
     for note in notes:
         progress(f"note: {note}")
-    spec = io_spec_for(cfg, max_seq_len, options.dtype)
+    spec = io_spec_for(cfg, max_seq_len, options.dtype, options.debug_hidden_states)
     t0 = time.perf_counter()
     progress(f"[1/4] loading {model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}; "
              f"{long_context['summary']})")
-    graph = build_graph(model_dir, cfg, max_seq_len, options.dtype)
+    graph = build_graph(model_dir, cfg, max_seq_len, options.dtype, options.debug_hidden_states)
     with atomic_directory(out_dir) as tmp:
         copied = copy_tokenizer(model_dir, tmp)
         onnx_dir = tmp / ".onnx-work"
@@ -263,6 +266,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
             "kind": "onnx-bundle",
             "model_file": MODEL_FILE,
             "dtype": options.dtype,
+            "debug_hidden_states": options.debug_hidden_states,
             "opset": options.opset,
             "max_seq_len": max_seq_len,
             "model_config": cfg.to_dict(),

@@ -153,11 +153,14 @@ class Qwen2Graph(nn.Module):
 
     Inputs/outputs follow qwen2edge.io_spec; `past` alternates past_key.i, past_value.i. With a
     dual_chunk config the io_spec.DCA_INPUTS come before the cache.
+    With expose_hidden_states (debug exports only) the outputs end with hidden_state.0..L, laid out
+    like transformers' output_hidden_states so per-layer drift can be compared one to one.
     """
 
-    def __init__(self, cfg: ModelConfig, max_seq_len: int, dtype: str = "fp32"):
+    def __init__(self, cfg: ModelConfig, max_seq_len: int, dtype: str = "fp32", expose_hidden_states: bool = False):
         super().__init__()
         self.cfg, self.max_seq_len, self.dtype = cfg, max_seq_len, TORCH_DTYPES[dtype]
+        self.expose_hidden_states = expose_hidden_states
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -205,11 +208,16 @@ class Qwen2Graph(nn.Module):
         new_ok = causal & valid[:, cache_len:][:, None, :]  # [B, Tq, Tk]
         bias_new = torch.where(new_ok, 0.0, MASK_VALUE)[:, None, None, :, :]  # [B, 1, 1, T, T]
         h = self.embed_tokens(input_ids).float()  # [B, T, C] residual stream in fp32
-        presents = []
+        presents, hidden = [], [h]
         for i, layer in enumerate(self.layers):
             h, k, v = layer(h, rope, past[2 * i], past[2 * i + 1], bias_past, bias_new, self.dtype)
             presents += [k, v]
+            hidden.append(h)
         idx = logits_index.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # [B, N, C]
         h = self.norm(torch.gather(h, 1, idx)).to(self.dtype)  # [B, N, C]
         logits = self.lm_head(h).float()  # [B, N, V]
-        return (logits, *presents)
+        if not self.expose_hidden_states:
+            return (logits, *presents)
+        # transformers reports the last layer after the final norm; mirror that (all positions).
+        hidden[-1] = self.norm(hidden[-1])
+        return (logits, *presents, *hidden)

@@ -41,3 +41,10 @@ class HFReference:
                                       do_sample=False, eos_token_id=None, pad_token_id=0,
                                       attention_mask=self.torch.ones(1, len(ids), dtype=self.torch.long))
         return out[0, len(ids):].tolist()
+
+    def hidden_states(self, ids: list[int]) -> list[np.ndarray]:
+        """output_hidden_states for one sequence: [embeddings, after layer 0, ..., last layer + final norm],
+        each [len(ids), hidden]."""
+        with self.torch.no_grad():
+            out = self.model(self.torch.tensor([ids]), use_cache=False, output_hidden_states=True)
+        return [h[0].float().numpy() for h in out.hidden_states]

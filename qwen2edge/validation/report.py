@@ -1,0 +1,108 @@
+"""Write a compare report: report.json (versioned schema), report.md and report.html, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, ValidationError
+from ..manifest import atomic_directory, write_json_atomic
+from .report_html import render_html
+
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
+def _f(x: float | None, fmt: str = ".2e") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """One markdown row per backend: the aggregates the verdict is based on."""
+    head = ("| backend | dtype | max abs | mean abs | max rel | min cos | mean KL | top-1 | top-5 | greedy | "
+            "ppl delta | worst layer rel | verdict |")
+    rows = [head, "|---|---|" + "---:|" * 10 + "---|"]
+    layer = report.get("layers")
+    worst = max((r["rel_l2"] for r in layer["rows"]), default=None) if layer else None
+    for b in report["backends"]:
+        s = b["summary"]
+        rows.append(
+            f"| {b['backend']} | {report['dtype']} | {_f(s['max_abs'])} | {_f(s['mean_abs'])} | {_f(s['max_rel'])} | "
+            f"{s['min_cosine']:.6f} | {_f(s['mean_kl'])} | {s['top1']:.1%} | {s['top5']:.1%} | "
+            f"{s['greedy_match']}/{s['greedy_steps']} | {_f(s['max_ppl_delta'])} | {_f(worst)} | "
+            f"{'PASS' if b['passed'] else 'FAIL'} |")
+    return "\n".join(rows)
+
+
+def layer_table(report: dict[str, Any]) -> str:
+    layer = report["layers"]
+    rows = ["| hidden state | max abs | mean abs | rel L2 | cosine |", "|---|---:|---:|---:|---:|"]
+    for r in layer["rows"]:
+        mark = " **<- error enters**" if r["index"] == layer["first_over"] else ""
+        rows.append(f"| {r['name']}{mark} | {r['max_abs']:.2e} | {r['mean_abs']:.2e} | {r['rel_l2']:.2e} | "
+                    f"{r['cosine']:.6f} |")
+    return "\n".join(rows)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: verdict, summary, failures, per-prompt, perplexity and per-layer tables."""
+    out = [f"# qwen2edge compare: {'PASS' if report['passed'] else 'FAIL'}", "",
+           f"- reference: {report['reference']}", f"- model: `{report['model_dir']}`",
+           f"- bundle: `{report['bundle_dir']}` ({report['dtype']})",
+           f"- {report['steps']} teacher-forced steps per prompt; created {report['created']}; "
+           f"schema {report['schema']}/{report['schema_version']}", "", "## Summary", "", summary_table(report), ""]
+    for b in report["backends"]:
+        if b["failures"]:
+            out += [f"### {b['backend']} failures", ""] + [f"- {f}" for f in b["failures"]] + [""]
+    out += ["## Thresholds", "", "| key | value |", "|---|---:|"]
+    out += [f"| {k}{' (override)' if k in report['threshold_overrides'] else ''} | {v:g} |"
+            for k, v in report["thresholds"].items()]
+    for b in report["backends"]:
+        out += ["", f"## {b['backend']}: per prompt", "",
+                "| prompt | category | tokens | prefill max abs | steps max abs | min cos | mean KL | top-1 | greedy |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in b["prompts"]:
+            st = p["steps"]
+            out.append(f"| {p['id']} | {p['category']} | {p['prompt_tokens']} | {p['prefill']['max_abs']:.2e} | "
+                       f"{max(s['max_abs'] for s in st):.2e} | {min(s['cosine'] for s in st):.6f} | "
+                       f"{sum(s['kl'] for s in st) / len(st):.2e} | {p['top1']:.1%} | "
+                       f"{p['greedy_match']}/{p['greedy_steps']} |")
+        if b["perplexity"]:
+            out += ["", f"## {b['backend']}: perplexity", "", "| text | category | tokens | ppl ref | ppl | delta |",
+                    "|---|---|---:|---:|---:|---:|"]
+            out += [f"| {q['id']} | {q['category']} | {q['tokens']} | {q['ppl_ref']:.4f} | {q['ppl']:.4f} | "
+                    f"{q['delta']:+.2e} |" for q in b["perplexity"]]
+    if report.get("layers"):
+        lay = report["layers"]
+        out += ["", "## Per-layer drift", "",
+                f"Hidden states from the {lay['source']} on ONNX Runtime vs transformers' output_hidden_states, "
+                "worst over the prompts' teacher-forced sequences. "
+                f"Largest increase in relative drift: **{lay['largest_jump_name']}**"
+                + (f"; first over {lay['threshold']:g}: **{lay['first_over_name']}**." if lay["first_over"] is not None
+                   else f"; none over {lay['threshold']:g}."), "", layer_table(report)]
+    return "\n".join(out) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write report.json, report.md and report.html into OUT_DIR (replaced as a whole)."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        # The directory is replaced as a whole, so never take one holding anything but an older report.
+        other = sorted(p.name for p in out_dir.iterdir() if p.name not in REPORT_FILES)
+        if other:
+            raise InputError(f"--report {out_dir} already holds other files ({', '.join(other[:3])}): "
+                             "choose a new or empty directory for the report")
+    with atomic_directory(out_dir) as tmp:
+        write_json_atomic(tmp / "report.json", report)
+        (tmp / "report.md").write_text(render_markdown(report), encoding="utf-8")
+        (tmp / "report.html").write_text(render_html(report), encoding="utf-8")
+    return out_dir
+
+
+def require_pass(report: dict[str, Any], report_dir: str | Path | None = None) -> None:
+    """ValidationError (exit code 5) when any backend failed its thresholds."""
+    if report["passed"]:
+        return
+    failures = [f"{b['backend']}: {f}" for b in report["backends"] for f in b["failures"]]
+    where = f"see {Path(report_dir) / 'report.html'}" if report_dir else "see the report"
+    raise ValidationError(f"compare failed ({'; '.join(failures[:2])}{'; ...' if len(failures) > 2 else ''}): "
+                          f"{where}; fix the export or relax with --threshold KEY=VALUE")
