@@ -296,21 +296,12 @@ def serve(bundle_dir: str, backend: str, host: str, port: int, max_concurrency: 
 def compare(model_dir: str, bundle_dir: str, backends: tuple[str, ...], prompts_file: str | None, steps: int,
             report_dir: str | None, thresholds: tuple[str, ...], no_layers: bool, as_json: bool) -> None:
     """Accuracy report: transformers fp32 vs each backend, per step and per layer; exit 5 on failure."""
-    from pathlib import Path
+    from .validation.compare import compare_to_report
+    from .validation.report import require_pass, summary_table
 
-    from .validation.compare import compare as run
-    from .validation.prompts import BUILTIN, load_prompts
-    from .validation.report import require_pass, summary_table, write_report
-    from .validation.thresholds import parse_overrides
-
-    overrides = parse_overrides(thresholds)
-    prompts = load_prompts(prompts_file) if prompts_file else BUILTIN
-    out = Path(report_dir) if report_dir else Path.cwd() / f"compare-{Path(bundle_dir).absolute().name}"
-    report = run(model_dir, bundle_dir, backends=backends or ("ort",), prompts=prompts, steps=steps,
-                 overrides=overrides, layers=not no_layers, progress=progress)
-    write_report(report, out)
+    report, out = compare_to_report(model_dir, bundle_dir, backends, prompts_file, steps, report_dir, thresholds,
+                                    layers=not no_layers, progress=progress)
     click.echo(json.dumps(report, ensure_ascii=False) if as_json else summary_table(report))
-    progress(f"report: {out / 'report.html'} (also report.md, report.json)")
     require_pass(report, out)
 
 

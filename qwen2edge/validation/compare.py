@@ -232,3 +232,22 @@ def _layers(bundle: Bundle, model_dir, refs: _RefCache, ort_runner, max_rel: flo
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"source": source, "backend": "ort", **out}
+
+
+def compare_to_report(model_dir: str | Path, bundle_dir: str | Path, backends: Sequence[str] = ("ort",),
+                      prompts_file: str | None = None, steps: int = 32, report_dir: str | Path | None = None,
+                      thresholds: Sequence[str] = (), layers: bool = True,
+                      progress: Callable[[str], None] = lambda s: None) -> tuple[dict[str, Any], Path]:
+    """`qwen2edge compare`: run the comparison and write report.json/.md/.html; returns (report, report dir)."""
+    from .prompts import BUILTIN, load_prompts
+    from .report import write_report
+    from .thresholds import parse_overrides
+
+    overrides = parse_overrides(thresholds)
+    prompts = load_prompts(prompts_file) if prompts_file else BUILTIN
+    out = Path(report_dir) if report_dir else Path.cwd() / f"compare-{Path(bundle_dir).absolute().name}"
+    report = compare(model_dir, bundle_dir, backends=backends or ("ort",), prompts=prompts, steps=steps,
+                     overrides=overrides, layers=layers, progress=progress)
+    write_report(report, out)
+    progress(f"report: {out / 'report.html'} (also report.md, report.json)")
+    return report, out
