@@ -95,12 +95,22 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=str), help="Bundle directory.")
 @click.option("--max-seq-len", type=int, default=None, help="KV-cache length (default min(model limit, 2048)).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option("--opset", type=int, default=17, show_default=True)
-def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int) -> None:
+@click.option("--opset", type=int, default=17, show_default=True, help="Ignored with --quantize (needs 21).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight-only quantization: blockwise DequantizeLinear (opset 21) feeding each MatMul.")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="Weights per quantization block (along the reduction axis).")
+@click.option("--quantize-embeddings/--no-quantize-embeddings", default=True, show_default=True,
+              help="Also quantize the lm_head (int8/int4) and the embedding table (int8).")
+def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int, quantize: str | None,
+           block_size: str, quantize_embeddings: bool) -> None:
     """Export a Qwen2 checkpoint directory to an ONNX bundle."""
     from .exporter.export import ExportOptions, export_bundle
+    from .exporter.quantize import QuantizeOptions
 
-    export_bundle(model_dir, out_dir, ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset), progress=progress)
+    quant = QuantizeOptions(quantize, int(block_size), quantize_embeddings) if quantize else None
+    export_bundle(model_dir, out_dir, ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset, quantize=quant),
+                  progress=progress)
 
 
 @main.command()

@@ -16,6 +16,7 @@ from .. import __version__, io_spec
 from ..config import ModelConfig, load_hf_config
 from ..errors import ExportError, InputError
 from ..manifest import atomic_directory, write_manifest
+from .quantize import QUANT_OPSET, TRACE_OPSET, QuantizeOptions, quantize_model
 
 DEFAULT_OPSET = 17  # parsed by TensorRT 10.3 (JetPack 6) and every later release
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -32,6 +33,7 @@ class ExportOptions:
     max_seq_len: int | None = None
     dtype: str = "fp32"
     opset: int = DEFAULT_OPSET
+    quantize: QuantizeOptions | None = None  # weight-only int8/int4 (exporter/quantize.py)
 
 
 Progress = Callable[[str], None]
@@ -111,15 +113,17 @@ def trace_to_onnx(graph, spec: io_spec.IOSpec, path: Path, opset: int) -> None:
         )
 
 
-def finalize_model(path: Path) -> None:
-    """Check the graph, run shape inference, refuse custom domains, and store weights externally
-    when the protobuf would exceed 2 GiB."""
+def finalize_model(path: Path, transform: Callable[[Any], None] | None = None) -> None:
+    """Check the traced graph, refuse custom domains, apply `transform` (e.g. quantization) to it,
+    run the ONNX checker, and store weights externally when the protobuf would exceed 2 GiB."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=True)
     bad = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if bad:
         raise ExportError(f"the exported graph uses non-standard op domains {bad}: report this as a qwen2edge bug")
+    if transform is not None:
+        transform(model)
     for f in path.parent.iterdir():
         if f != path:
             f.unlink()  # loose tensor files from the tracer; re-saved below
@@ -170,6 +174,10 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         raise InputError(f"unknown dtype {options.dtype!r}: pass --dtype fp32, fp16 or bf16")
     if not 7 <= options.opset <= 23:
         raise InputError(f"--opset {options.opset} is outside 7..23: use the default ({DEFAULT_OPSET})")
+    if options.quantize is not None:
+        options.quantize.check()
+        if options.dtype != "fp32":
+            raise InputError(f"--quantize needs --dtype fp32 activations (got {options.dtype}): drop --dtype")
     cfg, _ = load_hf_config(model_dir)
     cfg = cfg_override or cfg
     max_seq_len = resolve_max_seq_len(cfg, options.max_seq_len)
@@ -181,11 +189,23 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         copied = copy_tokenizer(model_dir, tmp)
         onnx_dir = tmp / ".onnx-work"
         onnx_dir.mkdir()
-        progress(f"[2/4] tracing to ONNX (opset {options.opset}, {options.dtype}, max_seq_len {max_seq_len})")
-        trace_to_onnx(graph, spec, onnx_dir / MODEL_FILE, options.opset)
+        # Blockwise DequantizeLinear needs opset 21; the tracer stops at 20, and 20 -> 21 only widened types.
+        trace_opset = TRACE_OPSET if options.quantize else options.opset
+        opset = QUANT_OPSET if options.quantize else options.opset
+        progress(f"[2/4] tracing to ONNX (opset {trace_opset}, {options.dtype}, max_seq_len {max_seq_len})")
+        trace_to_onnx(graph, spec, onnx_dir / MODEL_FILE, trace_opset)
         del graph
+        quant_record: dict[str, Any] = {}
+        transform = None
+        if options.quantize is not None:
+            q = options.quantize
+
+            def transform(model: Any) -> None:
+                progress(f"  quantizing weights to {q.scheme} (block {q.block_size}, "
+                         f"embeddings {'included' if q.embeddings else 'kept float'})")
+                quant_record.update(quantize_model(model, q, cfg.vocab_size, progress))
         progress("[3/4] checking the graph (ONNX checker, shape inference, op domains)")
-        finalize_model(onnx_dir / MODEL_FILE)
+        finalize_model(onnx_dir / MODEL_FILE, transform)
         for f in onnx_dir.iterdir():
             os.replace(f, tmp / f.name)
         onnx_dir.rmdir()
@@ -195,7 +215,8 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
             "kind": "onnx-bundle",
             "model_file": MODEL_FILE,
             "dtype": options.dtype,
-            "opset": options.opset,
+            "opset": opset,
+            "quantization": quant_record or None,
             "max_seq_len": max_seq_len,
             "model_config": cfg.to_dict(),
             "io_spec": spec.to_dict(),
