@@ -106,15 +106,16 @@ def _matmul_weights(model) -> list[tuple[Any, int, Any]]:
     return found
 
 
-def _embedding_gathers(model) -> list[tuple[Any, Any]]:
-    """(node, initializer) for Gathers that index rows of a 2-D float initializer (the embedding)."""
+def _embedding_gathers(model, vocab_size: int) -> list[tuple[Any, Any]]:
+    """(node, initializer) for Gathers that index rows of the [vocab, hidden] float table (not, say,
+    a rotary table gathered by position)."""
     inits = {t.name: t for t in model.graph.initializer}
     found = []
     for node in model.graph.node:
         if node.op_type == "Gather" and node.input[0] in inits:
             t = inits[node.input[0]]
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            if len(t.dims) == 2 and t.data_type in FLOAT_TYPES and axis == 0:
+            if len(t.dims) == 2 and t.dims[0] == vocab_size and t.data_type in FLOAT_TYPES and axis == 0:
                 found.append((node, t))
     return found
 
@@ -133,7 +134,7 @@ def quantize_model(model, options: QuantizeOptions, vocab_size: int, progress: P
     weights = _matmul_weights(model)
     if not options.embeddings:
         weights = [w for w in weights if not _is_lm_head(w[2], vocab_size)]
-    gathers = _embedding_gathers(model) if options.embeddings else []
+    gathers = _embedding_gathers(model, vocab_size) if options.embeddings else []
     replaced: set[str] = set()
     new_inits, new_nodes, before = [], {}, 0
     skipped = []
@@ -142,6 +143,7 @@ def quantize_model(model, options: QuantizeOptions, vocab_size: int, progress: P
         k, n = t.dims
         if k % bsz:
             skipped.append(t.name)
+            progress(f"  kept {node.name or t.name} float: its reduction axis ({k}) is not a multiple of block {bsz}")
             continue
         w = numpy_helper.to_array(t)
         before += w.nbytes
