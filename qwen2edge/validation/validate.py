@@ -42,7 +42,7 @@ TOLERANCES = {
     # perplexity, since per-logit error grows with the weight grid. Bounds set from the default
     # model's measured figures (docs/performance.md) with head-room for other checkpoints.
     "int8": Tolerance(max_abs=5.0, min_top1=0.9, require_greedy_match=False, max_ppl_increase=0.05),
-    "int4": Tolerance(max_abs=8.0, min_top1=0.6, require_greedy_match=False, max_ppl_increase=0.5),
+    "int4": Tolerance(max_abs=30.0, min_top1=0.45, require_greedy_match=False, max_ppl_increase=0.25),
 }
 
 

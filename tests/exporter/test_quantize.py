@@ -123,3 +123,16 @@ def test_cli_rejects_bad_quantize_options(tiny_model_factory, tmp_path):
     proc = run_cli("export", str(model_dir), "-o", str(tmp_path / "o"), "--quantize", "int8", "--dtype", "fp16")
     assert_one_line_error(proc, 2, "--quantize needs --dtype fp32")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_default_model_int4_passes_validate(smollm2_dir, tmp_path):
+    """The real default model, quantized, against transformers: judged by the int4 tolerance."""
+    from qwen2edge.validation.validate import validate
+
+    out = tmp_path / "int4"
+    export_bundle(smollm2_dir, out, ExportOptions(max_seq_len=128, quantize=QuantizeOptions("int4", 32, True)))
+    report = validate(smollm2_dir, out, steps=8, prompts=("What is the capital of France?",))
+    assert report.dtype == "int4" and report.passed, report.table()
+    ppl, ppl_ref = report.perplexity
+    assert ppl < ppl_ref * 1.25
