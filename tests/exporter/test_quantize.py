@@ -11,8 +11,6 @@ from onnx import numpy_helper
 from qwen2edge.exporter.export import ExportOptions, export_bundle
 from qwen2edge.exporter.quantize import QuantizeOptions, pack_uint4, quantize_blocks
 from qwen2edge.runtime.bundle import Bundle
-from qwen2edge.runtime.generator import Generator, prefill_feed
-from qwen2edge.runtime.sampling import SamplingParams
 from qwen2edge.validation.validate import TOLERANCES, teacher_forced, tolerance_key
 
 from ..test_cli import assert_one_line_error, run_cli
