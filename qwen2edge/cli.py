@@ -98,7 +98,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=str), help="Bundle directory.")
 @click.option("--max-seq-len", type=int, default=None, help="KV-cache length (default min(model limit, 2048)).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--opset", type=int, default=17, show_default=True, help="Ignored with --quantize (needs 21).")
 @click.option("--trt-check", type=click.Choice([*TRT_TARGETS, "none"]), default="trt-10.3", show_default=True,
               help="Lint the graph for this TensorRT target and report findings (never fails the export).")
 @click.option("--rope-scaling", type=str, default=None,
@@ -110,15 +110,24 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--dca-local-size", type=int, default=None, help="Dual Chunk Attention local size w (< C).")
 @click.option("--dca-original-max-position-embeddings", type=int, default=None,
               help="DCA temperature length L0 (0 disables the temperature).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight-only quantization: blockwise DequantizeLinear (opset 21) feeding each MatMul.")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="Weights per quantization block (along the reduction axis).")
+@click.option("--quantize-embeddings/--no-quantize-embeddings", default=True, show_default=True,
+              help="Also quantize the lm_head (int8/int4) and the embedding table (int8).")
 @click.option("--debug-hidden-states", is_flag=True,
               help="Debug export: also output every layer's hidden state (for `compare`); not for shipping.")
 def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int, trt_check: str,
-           debug_hidden_states: bool, **long_context: Any) -> None:
-    """Export a Qwen2 checkpoint directory to an ONNX bundle (YaRN / DCA overrides optional)."""
+           quantize: str | None, block_size: str, quantize_embeddings: bool, debug_hidden_states: bool,
+           **long_context: Any) -> None:
+    """Export a Qwen2 checkpoint directory to an ONNX bundle (YaRN / DCA / quantization optional)."""
     from .exporter.export import ExportOptions, export_bundle
+    from .exporter.quantize import QuantizeOptions
 
+    quant = QuantizeOptions(quantize, int(block_size), quantize_embeddings) if quantize else None
     options = ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset,
-                            trt_check=None if trt_check == "none" else trt_check,
+                            trt_check=None if trt_check == "none" else trt_check, quantize=quant,
                             debug_hidden_states=debug_hidden_states, **long_context)
     export_bundle(model_dir, out_dir, options, progress=progress)
 

@@ -134,8 +134,11 @@ def test_interrupted_export_leaves_nothing(tiny_model_factory, tmp_path):
     model = tiny_model_factory("gqa")
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # A job started in the background inherits SIGINT as ignored, and Python then keeps ignoring it;
+    # restore the default so the child gets its KeyboardInterrupt wherever the suite runs.
     proc = subprocess.Popen([sys.executable, "-m", "qwen2edge.cli", "export", str(model), "-o", str(out)],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Wait until the export is past loading and into tracing, then interrupt it.
     for line in proc.stderr:
         if "[2/4]" in line:

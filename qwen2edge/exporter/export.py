@@ -16,6 +16,7 @@ from .. import __version__, io_spec
 from ..config import ModelConfig, load_hf_config, resolve_long_context, with_long_context_overrides
 from ..errors import ExportError, InputError
 from ..manifest import atomic_directory, write_manifest
+from .quantize import QUANT_OPSET, TRACE_OPSET, QuantizeOptions, quantize_model
 
 DEFAULT_OPSET = 17  # parsed by TensorRT 10.3 (JetPack 6) and every later release
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -40,14 +41,15 @@ class ExportOptions:
     dca_chunk_size: int | None = None
     dca_local_size: int | None = None
     dca_original_max_position_embeddings: int | None = None
+    # Debug exports add hidden_state.{i} outputs (per-layer drift in `qwen2edge compare`); slower, not for shipping.
+    debug_hidden_states: bool = False
+    quantize: QuantizeOptions | None = None  # weight-only int8/int4 (exporter/quantize.py)
 
     def overrides(self) -> dict[str, Any]:
         """The long-context overrides that were given (recorded in the manifest)."""
         keys = ("rope_scaling", "rope_factor", "original_max_position_embeddings", "dca_chunk_size",
                 "dca_local_size", "dca_original_max_position_embeddings")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-    # Debug exports add hidden_state.{i} outputs (per-layer drift in `qwen2edge compare`); slower, not for shipping.
-    debug_hidden_states: bool = False
 
 
 Progress = Callable[[str], None]
@@ -158,15 +160,17 @@ def trace_to_onnx(graph, spec: io_spec.IOSpec, path: Path, opset: int) -> None:
         )
 
 
-def finalize_model(path: Path) -> None:
-    """Check the graph, run shape inference, refuse custom domains, and store weights externally
-    when the protobuf would exceed 2 GiB."""
+def finalize_model(path: Path, transform: Callable[[Any], None] | None = None) -> None:
+    """Check the traced graph, refuse custom domains, apply `transform` (e.g. quantization) to it,
+    run the ONNX checker, and store weights externally when the protobuf would exceed 2 GiB."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=True)
     bad = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if bad:
         raise ExportError(f"the exported graph uses non-standard op domains {bad}: report this as a qwen2edge bug")
+    if transform is not None:
+        transform(model)
     for f in path.parent.iterdir():
         if f != path:
             f.unlink()  # loose tensor files from the tracer; re-saved below
@@ -233,6 +237,10 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         from ..trt.compat import get_target
 
         get_target(options.trt_check)  # an unknown target fails before minutes of tracing
+    if options.quantize is not None:
+        options.quantize.check()
+        if options.dtype != "fp32":
+            raise InputError(f"--quantize needs --dtype fp32 activations (got {options.dtype}): drop --dtype")
     cfg, _ = load_hf_config(model_dir)
     cfg = with_long_context_overrides(
         cfg_override or cfg, options.rope_scaling, options.rope_factor, options.original_max_position_embeddings,
@@ -251,11 +259,23 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         copied = copy_tokenizer(model_dir, tmp)
         onnx_dir = tmp / ".onnx-work"
         onnx_dir.mkdir()
-        progress(f"[2/4] tracing to ONNX (opset {options.opset}, {options.dtype}, max_seq_len {max_seq_len})")
-        trace_to_onnx(graph, spec, onnx_dir / MODEL_FILE, options.opset)
+        # Blockwise DequantizeLinear needs opset 21; the tracer stops at 20, and 20 -> 21 only widened types.
+        trace_opset = TRACE_OPSET if options.quantize else options.opset
+        opset = QUANT_OPSET if options.quantize else options.opset
+        progress(f"[2/4] tracing to ONNX (opset {trace_opset}, {options.dtype}, max_seq_len {max_seq_len})")
+        trace_to_onnx(graph, spec, onnx_dir / MODEL_FILE, trace_opset)
         del graph
+        quant_record: dict[str, Any] = {}
+        transform = None
+        if options.quantize is not None:
+            q = options.quantize
+
+            def transform(model: Any) -> None:
+                progress(f"  quantizing weights to {q.scheme} (block {q.block_size}, "
+                         f"embeddings {'included' if q.embeddings else 'kept float'})")
+                quant_record.update(quantize_model(model, q, cfg.vocab_size, progress))
         progress("[3/4] checking the graph (ONNX checker, shape inference, op domains)")
-        finalize_model(onnx_dir / MODEL_FILE)
+        finalize_model(onnx_dir / MODEL_FILE, transform)
         report_trt_compat(onnx_dir / MODEL_FILE, options.trt_check, progress)
         for f in onnx_dir.iterdir():
             os.replace(f, tmp / f.name)
@@ -267,7 +287,8 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
             "model_file": MODEL_FILE,
             "dtype": options.dtype,
             "debug_hidden_states": options.debug_hidden_states,
-            "opset": options.opset,
+            "opset": opset,
+            "quantization": quant_record or None,
             "max_seq_len": max_seq_len,
             "model_config": cfg.to_dict(),
             "long_context": long_context,

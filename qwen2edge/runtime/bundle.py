@@ -15,6 +15,7 @@ from .backend import Backend
 from .tokenizer import BundleTokenizer
 
 BACKENDS = ("ort", "trt")
+ORT_CACHE = ".ort-cache"  # optimized ONNX Runtime graphs, beside the bundle's files (not in the manifest)
 
 
 @dataclass
@@ -63,8 +64,12 @@ class Bundle:
     def backend(self, kind: str = "ort", **kwargs: Any) -> Backend:
         """Instantiate a backend for this bundle (imports its library lazily)."""
         if kind == "ort":
-            from .ort_backend import OrtBackend
+            from .ort_backend import OrtBackend, optimized_cache_dir
 
+            sha = self.manifest.get("files", {}).get(self.manifest["model_file"], {}).get("sha256")
+            if sha and not kwargs.get("providers") and "optimized_model_path" not in kwargs:
+                # CPU only: an optimized graph is specific to the providers that optimized it.
+                kwargs.setdefault("optimized_cache", optimized_cache_dir(self.path / ORT_CACHE, sha))
             return OrtBackend(self.path / self.manifest["model_file"], self.spec, **kwargs)
         if kind == "trt":
             from .trt_backend import TrtBackend  # needs TensorRT and a GPU

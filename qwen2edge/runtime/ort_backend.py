@@ -1,15 +1,30 @@
-"""ONNX Runtime backend (CPU by default; any provider ONNX Runtime offers)."""
+"""ONNX Runtime backend (CPU by default; any provider ONNX Runtime offers).
+
+Decode hot path (one token per row): inputs are bound where they live (the cache arrays are bound
+once per cache, never copied), and logits/present outputs go into buffers preallocated per cache,
+so a step allocates nothing sizeable. The optimized graph (fusions such as DequantizeLinear+MatMul
+-> MatMulNBits) can be cached beside the bundle, keyed by the model's sha256 and the ONNX Runtime
+version, so later loads skip the optimizer.
+"""
 
 from __future__ import annotations
 
 import os
+import platform
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from .. import io_spec
 from ..errors import InferenceError
 from ..io_spec import IOSpec
-from .backend import Backend
+from .backend import Backend, KVCache
+
+OPTIMIZED_FILE = "model.optimized.onnx"
+_COMPLETE = ".complete"
 
 
 def default_threads() -> int:
@@ -20,6 +35,34 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def optimized_cache_dir(root: Path, model_sha256: str) -> Path:
+    """Where the optimized graph for this model, ONNX Runtime version and CPU architecture lives.
+    Optimized graphs can hold hardware-specific kernels, hence the architecture in the key."""
+    import onnxruntime as ort
+
+    return Path(root) / f"{model_sha256[:16]}-ort{ort.__version__}-{platform.machine()}"
+
+
+class _DecodeBuffers:
+    """An IOBinding for one-token steps over one cache, with its preallocated outputs."""
+
+    def __init__(self, session: Any, spec: IOSpec, cache: KVCache, n_logits: int):
+        self.binding = session.io_binding()
+        self.n_logits = n_logits
+        b = cache.batch
+        self.outputs: dict[str, np.ndarray] = {}
+        for t in spec.outputs:
+            if t.name == io_spec.LOGITS:
+                shape = (b, n_logits, t.shape[-1])
+            else:  # present_key/value.i [B, Hkv, 1, D]
+                shape = (b, t.shape[1], 1, t.shape[3])
+            arr = np.empty(shape, dtype=np.float32 if t.dtype == "float32" else np.float16)
+            self.outputs[t.name] = arr
+            self.binding.bind_output(t.name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        for name, arr in cache.arrays.items():
+            self.binding.bind_cpu_input(name, arr)  # bound once: KVCache.write updates it in place
+
+
 class OrtBackend(Backend):
     """Runs model.onnx with onnxruntime.InferenceSession."""
 
@@ -27,26 +70,74 @@ class OrtBackend(Backend):
     thread_safe = True  # InferenceSession.run is documented thread-safe; each batch has its own cache
 
     def __init__(self, model_path: str | Path, spec: IOSpec, threads: int | None = None,
-                 providers: list[str] | None = None, optimized_model_path: str | Path | None = None):
+                 providers: list[str] | None = None, optimized_model_path: str | Path | None = None,
+                 optimized_cache: str | Path | None = None, io_binding: bool = True):
+        """optimized_cache: a directory (see optimized_cache_dir) to load the optimized graph from,
+        or to save it to on first load; unwritable locations are skipped silently."""
         super().__init__(spec)
         if spec.kv_dtype == "bfloat16" and not providers:
             raise InferenceError("ONNX Runtime's CPU provider has no bfloat16 MatMul, so bf16 bundles run on "
                                  "TensorRT only: use --backend trt, or export with --dtype fp16/fp32 for ONNX Runtime")
         import onnxruntime as ort
 
+        self.threads = threads or default_threads()
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.io_binding = io_binding
+        cached = Path(optimized_cache) / OPTIMIZED_FILE if optimized_cache else None
+        if cached is not None and (cached.parent / _COMPLETE).is_file():
+            # Already optimized: basic-level passes only (they are idempotent and cheap).
+            self.session = self._session(cached, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, None)
+            self.optimized_from_cache = True
+        else:
+            self.optimized_from_cache = False
+            tmp = self._cache_tmp(cached) if cached is not None and not optimized_model_path else None
+            save = optimized_model_path or (tmp / OPTIMIZED_FILE if tmp else None)
+            try:
+                self.session = self._session(Path(model_path), ort.GraphOptimizationLevel.ORT_ENABLE_ALL, save)
+            finally:
+                if tmp is not None:
+                    self._publish(tmp, cached.parent)
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def _session(self, path: Path, level: Any, save: Path | None) -> Any:
+        import onnxruntime as ort
+
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or default_threads()
+        opts.graph_optimization_level = level
+        opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        if optimized_model_path:
-            opts.optimized_model_filepath = str(optimized_model_path)
+        if save is not None:
+            opts.optimized_model_filepath = str(save)
+            # Weights go to one side file so graphs over protobuf's 2 GiB can be saved too.
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                          Path(save).name + ".data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            self.session = ort.InferenceSession(str(model_path), opts, providers=providers or ["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise InferenceError(f"ONNX Runtime could not load {model_path} ({str(exc).splitlines()[0]}): "
+            raise InferenceError(f"ONNX Runtime could not load {path} ({str(exc).splitlines()[0]}): "
                                  "re-export the bundle with this qwen2edge version") from exc
-        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    @staticmethod
+    def _cache_tmp(cached: Path) -> Path | None:
+        try:
+            cached.parent.parent.mkdir(parents=True, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix=".partial-", dir=cached.parent.parent))
+        except OSError:
+            return None  # read-only bundle: run without the cache
+
+    @staticmethod
+    def _publish(tmp: Path, final: Path) -> None:
+        """Rename the freshly written cache directory into place, or drop it (atomic either way)."""
+        try:
+            if (tmp / OPTIMIZED_FILE).is_file():
+                (tmp / _COMPLETE).write_text("ok\n")
+                os.replace(tmp, final)
+                return
+        except OSError:
+            pass  # another process published first, or the disk is read-only/full
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -54,3 +145,21 @@ class OrtBackend(Backend):
         except Exception as exc:
             raise InferenceError(f"ONNX Runtime failed to run the graph ({str(exc).splitlines()[0]})") from exc
         return dict(zip(self._outputs, values))
+
+    def step(self, cache: Any, feed: dict[str, np.ndarray], write_pos: np.ndarray) -> np.ndarray:
+        """Prefill through infer(); one-token steps through the cache's bound buffers."""
+        if not self.io_binding or feed[io_spec.INPUT_IDS].shape[1] != 1 or not isinstance(cache, KVCache):
+            return super().step(cache, feed, write_pos)
+        n_logits = feed[io_spec.LOGITS_INDEX].shape[1]
+        bufs = getattr(cache, "_ort_decode", None)
+        if bufs is None or bufs.n_logits != n_logits:
+            bufs = cache._ort_decode = _DecodeBuffers(self.session, self.spec, cache, n_logits)
+        for name, arr in feed.items():
+            bufs.binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        try:
+            self.session.run_with_iobinding(bufs.binding)
+        except Exception as exc:
+            raise InferenceError(f"ONNX Runtime failed to run the graph ({str(exc).splitlines()[0]})") from exc
+        cache.write(bufs.outputs, write_pos)
+        # A copy: the buffer is overwritten by the next step, and callers may keep the logits.
+        return bufs.outputs[io_spec.LOGITS].copy()

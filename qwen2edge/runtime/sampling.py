@@ -157,10 +157,14 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def _argmax(logits: np.ndarray) -> np.ndarray:
-    if np.isnan(logits).any():
-        row = int(np.flatnonzero(np.isnan(logits).any(axis=-1))[0])
+    picked = np.argmax(logits, axis=-1)
+    # argmax returns a row's first NaN if it has one, so checking the picked values (B of them, not
+    # B x vocab: this runs every decode step) finds every row holding NaN.
+    bad = np.isnan(logits[np.arange(logits.shape[0]), picked])
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
         raise InferenceError(f"logits row {row} holds NaN: the model produced invalid scores; re-export in float32")
-    return np.argmax(logits, axis=-1).astype(np.int64)
+    return picked.astype(np.int64)
 
 
 def sample_next(

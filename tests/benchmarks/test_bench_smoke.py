@@ -1,0 +1,34 @@
+"""bench_decode.py runs end to end on a tiny model (peers that are not installed show as unavailable).
+
+No timing assertions: performance is read from the benchmark's table on a quiet machine."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_bench_decode_tiny_prints_the_table(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--tiny", "--repeats", "1",
+           "--engines", "qwen2edge,optimum", "--prompt-len", "16", "--new-tokens", "8",
+           "--work-dir", str(tmp_path), "--json", str(tmp_path / "runs.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"memory read bandwidth: [\d.]+ GB/s", out), out
+    for precision in ("fp32", "int8", "int4"):
+        row = next(line for line in out.splitlines() if line.startswith(f"qwen2edge {precision}"))
+        numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", row.split(precision, 1)[1])]
+        # model MB, TTFT, decode tok/s, floor, % floor, RSS: all measured, all positive
+        assert len(numbers) >= 6 and all(n > 0 for n in numbers[:4]), row
+    optimum = next(line for line in out.splitlines() if line.startswith("optimum"))
+    assert "unavailable:" in optimum  # a peer that cannot run says why instead of vanishing
+    # int8/int4 bundles are smaller than fp32 on disk
+    sizes = {p: float(next(l for l in out.splitlines() if l.startswith(f"qwen2edge {p}")).split()[2])
+             for p in ("fp32", "int8", "int4")}
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"], sizes

@@ -1,0 +1,136 @@
+"""Weight-only int8/int4 export: the quantizer's arithmetic, the graph it writes, ONNX Runtime's
+fusion of that graph into MatMulNBits, and the bundle's outputs against the fp32 bundle."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from qwen2edge.exporter.export import ExportOptions, export_bundle
+from qwen2edge.exporter.quantize import QuantizeOptions, pack_uint4, quantize_blocks
+from qwen2edge.runtime.bundle import Bundle
+from qwen2edge.validation.validate import TOLERANCES, teacher_forced, tolerance_key
+
+from ..test_cli import assert_one_line_error, run_cli
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("block", [32, 128])
+def test_blockwise_roundtrip_error_is_within_half_a_step(scheme, block):
+    w = np.random.default_rng(0).standard_normal((256, 48)).astype(np.float32) * 0.05
+    w[:block, 0] += 0.3  # one skewed block
+    q, scale, zp = quantize_blocks(w, scheme, block)
+    assert scale.shape == (256 // block, 48)
+    steps = np.repeat(scale, block, axis=0)
+    zero = 0 if zp is None else np.repeat(zp, block, axis=0).astype(np.float32)
+    deq = (q.astype(np.float32) - zero) * steps
+    assert np.all(np.abs(deq - w) <= steps / 2 + 1e-7)
+    if scheme == "int4":
+        assert q.min() >= 0 and q.max() <= 15 and zp.max() <= 15
+    else:
+        assert q.dtype == np.int8 and np.abs(q).max() == 127  # each block's largest weight uses the full range
+
+
+def test_uint4_packing_matches_onnx():
+    vals = np.random.default_rng(1).integers(0, 16, (6, 5)).astype(np.uint8)
+    t = onnx.helper.make_tensor("t", onnx.TensorProto.UINT4, vals.shape, pack_uint4(vals), raw=True)
+    np.testing.assert_array_equal(numpy_helper.to_array(t), vals)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model_factory, tiny_bundle_factory, tmp_path_factory):
+    """fp32, int8 (embeddings included) and int4 (embeddings float, block 64) bundles of one model."""
+    model_dir, fp32 = tiny_bundle_factory("mqa_tied")
+    root = tmp_path_factory.mktemp("quant")
+    out = {"fp32": fp32}
+    for name, q in {"int8": QuantizeOptions("int8", 32, True), "int4": QuantizeOptions("int4", 64, False)}.items():
+        out[name] = root / name
+        export_bundle(model_dir, out[name], ExportOptions(max_seq_len=96, quantize=q))
+    return model_dir, out
+
+
+def _initializer_dims(model):
+    return {t.name: (t.data_type, tuple(t.dims)) for t in model.graph.initializer}
+
+
+@pytest.mark.slow
+def test_quantized_graph_is_portable_blockwise_dequantize(quantized):
+    _, b = quantized
+    cfg = Bundle.open(b["fp32"]).config
+    vocab = cfg.vocab_size
+    for name, embeddings in (("int8", True), ("int4", False)):
+        manifest = json.loads((b[name] / "manifest.json").read_text())
+        assert manifest["opset"] == 21 and manifest["quantization"]["scheme"] == name
+        assert manifest["quantization"]["embeddings"] is embeddings
+        model = onnx.load(str(b[name] / "model.onnx"))
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}  # no runtime-specific ops
+        dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert dqs and all({a.name: a.i for a in n.attribute}["block_size"] == (32 if name == "int8" else 64) for n in dqs)
+        inits = _initializer_dims(model)
+        float_matmul_weights = [inits[n.input[1]][1] for n in model.graph.node
+                                if n.op_type == "MatMul" and n.input[1] in inits and inits[n.input[1]][0] == 1]
+        # int8/32: everything quantized. int4/64: the lm_head (embeddings excluded) and down_proj,
+        # whose reduction axis (intermediate 96) is no multiple of 64, stay float and are recorded.
+        skipped = manifest["quantization"]["skipped_tensors"]
+        expected = [] if embeddings else [(96, cfg.hidden_size)] * 2 + [(cfg.hidden_size, vocab)]
+        assert sorted(float_matmul_weights) == sorted(expected)
+        assert len(skipped) == (0 if embeddings else 2)
+        table_is_float = any(dims == (vocab, cfg.hidden_size) and dt == 1 for dt, dims in inits.values())
+        assert table_is_float is (not embeddings)
+
+
+@pytest.mark.slow
+def test_onnx_runtime_fuses_the_portable_graph_into_matmulnbits(quantized, tmp_path):
+    _, b = quantized
+    bundle = Bundle.open(b["int4"])
+    backend = bundle.backend("ort", optimized_model_path=tmp_path / "opt.onnx")
+    assert backend is not None
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 2 * 6  # each quantized projection (down_proj and lm_head stay float)
+    assert "DequantizeLinear" not in ops
+
+
+@pytest.mark.slow
+def test_quantized_logits_track_fp32(quantized):
+    _, b = quantized
+    prompt = [15, 2000, 77, 9000, 31, 123, 456, 789]
+    logits = {}
+    for name in ("fp32", "int8", "int4"):
+        bundle = Bundle.open(b[name])
+        logits[name] = teacher_forced(bundle.backend("ort"), prompt, [5, 6, 7, 8], bundle.max_seq_len, 0)
+    ref = logits["fp32"]
+    for name, (max_rel, min_corr) in {"int8": (0.05, 0.999), "int4": (0.5, 0.95)}.items():
+        diff = np.abs(logits[name] - ref).max() / np.abs(ref).max()
+        corr = np.corrcoef(logits[name].ravel(), ref.ravel())[0, 1]
+        assert diff < max_rel and corr > min_corr, (name, diff, corr)
+    assert (logits["int8"].argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_quantized_bundles_use_their_scheme_tolerance():
+    assert tolerance_key({"dtype": "fp32", "quantization": {"scheme": "int4"}}) == "int4"
+    assert tolerance_key({"dtype": "fp16", "quantization": None}) == "fp16"
+    assert TOLERANCES["int8"].min_top1 > TOLERANCES["int4"].min_top1
+
+
+def test_cli_rejects_bad_quantize_options(tiny_model_factory, tmp_path):
+    model_dir = tiny_model_factory("gqa")
+    proc = run_cli("export", str(model_dir), "-o", str(tmp_path / "o"), "--quantize", "int4", "--block-size", "48")
+    assert proc.returncode == 2 and "48" in proc.stderr
+    proc = run_cli("export", str(model_dir), "-o", str(tmp_path / "o"), "--quantize", "int8", "--dtype", "fp16")
+    assert_one_line_error(proc, 2, "--quantize needs --dtype fp32")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_default_model_int4_passes_validate(smollm2_dir, tmp_path):
+    """The real default model, quantized, against transformers: judged by the int4 tolerance."""
+    from qwen2edge.validation.validate import validate
+
+    out = tmp_path / "int4"
+    export_bundle(smollm2_dir, out, ExportOptions(max_seq_len=128, quantize=QuantizeOptions("int4", 32, True)))
+    report = validate(smollm2_dir, out, steps=8, prompts=("What is the capital of France?",))
+    assert report.dtype == "int4" and report.passed, report.table()
+    ppl, ppl_ref = report.perplexity
+    assert ppl < ppl_ref * 1.25
