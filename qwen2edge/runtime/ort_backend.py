@@ -51,11 +51,9 @@ class _DecodeBuffers:
         self.n_logits = n_logits
         b = cache.batch
         self.outputs: dict[str, np.ndarray] = {}
-        for t in spec.outputs:
-            if t.name == io_spec.LOGITS:
-                shape = (b, n_logits, t.shape[-1])
-            else:  # present_key/value.i [B, Hkv, 1, D]
-                shape = (b, t.shape[1], 1, t.shape[3])
+        dims = {io_spec.BATCH: b, io_spec.SEQ: 1, io_spec.N_LOGITS: n_logits}
+        for t in spec.outputs:  # logits, present_key/value.i, and hidden_state.i in debug exports
+            shape = tuple(dims[d] if isinstance(d, str) else d for d in t.shape)
             arr = np.empty(shape, dtype=np.float32 if t.dtype == "float32" else np.float16)
             self.outputs[t.name] = arr
             self.binding.bind_output(t.name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
