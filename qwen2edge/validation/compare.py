@@ -26,6 +26,7 @@ from .layers import debug_runner, layer_drift
 from .prompts import BUILTIN, Prompt
 from .reference import HFReference
 from .thresholds import DESCRIPTIONS, thresholds_for
+from .validate import tolerance_key
 from .validate import teacher_forced
 
 SCHEMA = "qwen2edge.compare"
@@ -179,7 +180,7 @@ def compare(model_dir: str | Path, bundle_dir: str | Path, backends: Sequence[st
         raise InputError('no prompt to generate from: add at least one line without "kind": "perplexity"')
     bundle = Bundle.open(bundle_dir)
     dtype = bundle.manifest["dtype"]
-    th = thresholds_for(dtype, overrides)
+    th = thresholds_for(tolerance_key(bundle.manifest), overrides)
     runners = {kind: open_backend(bundle, kind) for kind in backends}  # fail fast, before the slow reference
     progress(f"loading the reference ({REFERENCE}) from {model_dir}")
     refs = _RefCache(HFReference(model_dir))

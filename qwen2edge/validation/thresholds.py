@@ -27,6 +27,11 @@ _REST = {
     "fp32": dict(min_cosine=0.99999, max_mean_kl=1e-5, min_top5=0.98, max_ppl_delta=1e-3, max_layer_rel=1e-3),
     "fp16": dict(min_cosine=0.999, max_mean_kl=1e-2, min_top5=0.9, max_ppl_delta=0.02, max_layer_rel=0.05),
     "bf16": dict(min_cosine=0.995, max_mean_kl=5e-2, min_top5=0.85, max_ppl_delta=0.05, max_layer_rel=0.15),
+    # Weight-only quantized bundles (fp32 activations), keyed by scheme like validate's tolerances.
+    # Provisional: set from validate's measured int8/int4 figures on the default model, not yet from
+    # compare runs. Per-layer drift re-exports at the bundle's dtype, so it shows no quantization error.
+    "int8": dict(min_cosine=0.99, max_mean_kl=5e-2, min_top5=0.8, max_ppl_delta=0.05, max_layer_rel=1e-3),
+    "int4": dict(min_cosine=0.9, max_mean_kl=0.5, min_top5=0.5, max_ppl_delta=0.25, max_layer_rel=1e-3),
 }
 DEFAULTS: dict[str, dict[str, float]] = {
     dtype: {"max_abs": tol.max_abs, "min_top1": tol.min_top1,
