@@ -266,7 +266,12 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         trace_to_onnx(graph, spec, onnx_dir / MODEL_FILE, trace_opset)
         del graph
         quant_record: dict[str, Any] = {}
-        transform = None
+        transform: Callable[[Any], Any] | None = None
+        if options.quantize is None and cfg.tie_word_embeddings:
+            from .tied import share_tied_embedding
+
+            def transform(model: Any) -> None:
+                share_tied_embedding(model, progress)
         if options.quantize is not None:
             q = options.quantize
 
