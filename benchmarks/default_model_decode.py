@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # qwen2edge from this checkout
 
 
 def main() -> None:
