@@ -40,10 +40,8 @@ def run_demo(cache_dir: str | None, prompt: str, echo: Callable[[str], None],
     echo("\nValidation against transformers:")
     echo(report.table())
     echo(f"\nQ: {prompt}")
-    parts: list[str] = []
     t0 = time.perf_counter()
-    result = api.generate(bundle_dir, prompt=prompt, chat=True, params=SamplingParams(max_new_tokens=64),
-                          on_text=parts.append)
+    result = api.generate(bundle_dir, prompt=prompt, chat=True, params=SamplingParams(max_new_tokens=64))
     echo(f"A: {result['text'].strip()}")
     t = result["timings"]
     echo(f"\n[{len(result['token_ids'])} tokens in {time.perf_counter() - t0:.2f}s; "
