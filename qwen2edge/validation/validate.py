@@ -111,7 +111,7 @@ class ValidationReport:
         rows = [head, "-" * len(head)]
         for p in self.prompts:
             rel = max(p.prefill_max_rel, p.decode_max_rel)
-            rows.append(f"{p.prompt[:34]:<34} {p.prompt_tokens:>4} {p.prefill_max_abs:>11.2e} {p.decode_max_abs:>11.2e} "
+            rows.append(f"{_cell(p.prompt, 34)} {p.prompt_tokens:>4} {p.prefill_max_abs:>11.2e} {p.decode_max_abs:>11.2e} "
                         f"{rel:>9.2e} {p.top1_agreement:>6.1%} {p.greedy_match:>3}/{p.greedy_steps:<3}")
         verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
         rows += [f"note: {n}" for n in self.notes]
@@ -120,6 +120,19 @@ class ValidationReport:
         rows.append(f"perplexity {ppl:.4g} vs reference {ppl_ref:.4g} ({ppl / ppl_ref - 1:+.2%})")
         rows.append(f"reference: {self.reference}; backend {self.backend}, {self.dtype}; {verdict}")
         return "\n".join(rows)
+
+
+def _cell(text: str, width: int) -> str:
+    """`text` cut and padded to `width` terminal columns (CJK characters take two)."""
+    import unicodedata
+
+    out, used = "", 0
+    for ch in text:
+        w = 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+        if used + w > width:
+            break
+        out, used = out + ch, used + w
+    return out + " " * (width - used)
 
 
 def _errors(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

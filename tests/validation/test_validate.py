@@ -68,3 +68,11 @@ def test_default_model_answers_paris(smollm2_bundle):
     out = api.generate(smollm2_bundle, prompt="What is the capital of France?", chat=True,
                        params=SamplingParams(max_new_tokens=24))
     assert "Paris" in out["text"]
+
+
+def test_table_columns_align_for_wide_characters():
+    from qwen2edge.validation.validate import _cell
+
+    assert _cell("用一句话", 6) == "用一句"  # three 2-column characters fill 6 columns
+    assert _cell("abc", 5) == "abc  "
+    assert _cell("用a", 4) == "用a "
