@@ -28,6 +28,9 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
 DCA_CONFIG = {"chunk_size": 16, "local_size": 4, "original_max_position_embeddings": 32}
 LONG_CONTEXT_VARIANTS: dict[str, dict[str, Any]] = {
     "dca": dict(extra_config={"dual_chunk_attention_config": DCA_CONFIG}),
+    # Plain RoPE with a 4k window: generations long enough (seconds) that the serving tests' disconnects
+    # and queue checks happen while a row is still generating, even on a fast machine.
+    "gqa_4k": dict(max_position_embeddings=4096),
 }
 
 

@@ -84,10 +84,15 @@ def tiny_server(tiny_bundle_factory):
     assert server.stop() == 0, server.log()
 
 
+LONG_CONTEXT = 4096
+LONG_ANSWER = 4000  # max_tokens of a request meant to still be generating when the test acts
+
+
 @pytest.fixture(scope="module")
 def long_bundle(tiny_bundle_factory) -> Path:
-    """The tiny GQA model with a 512-token context: long generations for queue/disconnect/shutdown tests."""
-    return tiny_bundle_factory("gqa", max_seq_len=512)[1]
+    """The tiny GQA model with a 4096-token context: generations of several seconds for the
+    queue/disconnect/shutdown tests (480 tokens took 0.7 s, which lost a race with a 0.5 s client timeout)."""
+    return tiny_bundle_factory("gqa_4k", max_seq_len=LONG_CONTEXT)[1]
 
 
 @pytest.fixture(scope="module")
