@@ -10,7 +10,7 @@ from typing import Any
 from .. import io_spec
 from ..config import ModelConfig
 from ..errors import BundleError, InputError
-from ..manifest import read_manifest
+from ..manifest import model_digest, read_manifest
 from .backend import Backend
 from .tokenizer import BundleTokenizer
 
@@ -66,7 +66,7 @@ class Bundle:
         if kind == "ort":
             from .ort_backend import OrtBackend, optimized_cache_dir
 
-            sha = self.manifest.get("files", {}).get(self.manifest["model_file"], {}).get("sha256")
+            sha = model_digest(self.manifest)  # graph and weights: external data changes it too
             if sha and not kwargs.get("providers") and "optimized_model_path" not in kwargs:
                 # CPU only: an optimized graph is specific to the providers that optimized it.
                 kwargs.setdefault("optimized_cache", optimized_cache_dir(self.path / ORT_CACHE, sha))

@@ -19,7 +19,7 @@ import numpy as np
 from .. import io_spec
 from ..errors import InferenceError
 from ..io_spec import IOSpec
-from ..manifest import MANIFEST, read_manifest
+from ..manifest import MANIFEST, model_digest, read_manifest
 from ..trt.engine_manifest import ENGINE_DIR, PLAN_FILE, check_engine_matches
 from ..trt.profiles import Profile, select_profile
 from .backend import Backend
@@ -75,7 +75,7 @@ class TrtBackend(Backend):
         trt = _import_trt()
         from ..trt.device import gpu_info
 
-        onnx_sha = bundle.manifest["files"][bundle.manifest["model_file"]]["sha256"]
+        onnx_sha = model_digest(bundle.manifest)
         check_engine_matches(manifest, trt.__version__, gpu_info(), onnx_sha, str(bundle.path))
         profiles = [Profile.from_dict(p) for p in manifest["profiles"]]
         return cls(trt, engine_dir / manifest.get("plan_file", PLAN_FILE), bundle.spec, profiles)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .. import __version__
 from ..errors import BuildError, InputError
 from ..io_spec import IOSpec
-from ..manifest import atomic_directory, read_manifest, sha256_file, write_manifest
+from ..manifest import atomic_directory, model_digest, read_manifest, write_manifest
 from .engine_manifest import ENGINE_DIR, PLAN_FILE, BuildPlan, engine_manifest, plan_build
 from .profiles import Profile, compute_profiles, resolve_limits
 
@@ -84,7 +84,7 @@ def build_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(
             _write_atomic(Path(options.timing_cache), cache_bytes)
         body = engine_manifest(
             trt_version=trt.__version__, gpu=gpu, plan=plan, profiles=profiles, onnx_file=manifest["model_file"],
-            onnx_sha256=sha256_file(onnx_path), bundle_dtype=manifest["dtype"],
+            onnx_sha256=model_digest(manifest), bundle_dtype=manifest["dtype"],
             limits={"max_batch": limits.max_batch, "max_input_len": limits.max_input_len,
                     "max_logits": limits.max_logits},
             workspace_mib=options.workspace_mib, opt_level=options.opt_level, timing_cache=options.timing_cache,
