@@ -2,11 +2,16 @@
 
 Imported by the exporter (to name the ONNX I/O), the runtime (to build feeds) and the tests. Torch-free.
 
-Cache design: the graph receives the static cache `past_key.{i}` / `past_value.{i}`
-[batch, kv_heads, max_seq_len, head_dim] and returns only the keys/values of the *current* tokens
+Cache design: the graph receives the cache `past_key.{i}` / `past_value.{i}`
+[batch, kv_heads, past_len, head_dim] and returns only the keys/values of the *current* tokens
 (`present_key.{i}` [batch, kv_heads, seq, head_dim]). The runtime writes those few rows into its
 preallocated cache in place. Returning an updated cache instead would make every decode step write
 (and on ONNX Runtime, allocate) the whole cache: measured in docs/design.md.
+
+past_len (schema 2) is the cache's current capacity, up to max_seq_len: a step attends every slot
+it is given, so the runtime hands over a cache sized to the sequence (grown in buckets) rather than
+max_seq_len slots, and a long-context bundle decodes short sequences at short-sequence cost.
+Schema 1 bundles have past_len fixed at max_seq_len and still run.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 1: past_len fixed at max_seq_len
 
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
@@ -39,7 +45,8 @@ DCA_INPUTS = (DCA_POS_KEY, DCA_POS_Q_SUCC, DCA_POS_Q_INTER, DCA_Q_CHUNK, DCA_K_C
 BATCH = "batch"
 SEQ = "seq"
 N_LOGITS = "n_logits"
-TOTAL_SEQ = "total_seq"  # max_seq_len + seq
+PAST_LEN = "past_len"  # cache slots handed to this step (<= max_seq_len)
+TOTAL_SEQ = "total_seq"  # past_len + seq
 
 
 def past_key(i: int) -> str:
@@ -91,6 +98,11 @@ class IOSpec:
     kv_dtype: str
     dca: bool
     hidden_states: bool = False  # debug export: also outputs hidden_state.0..num_layers
+
+    @property
+    def growable_cache(self) -> bool:
+        """Whether the cache length is a graph dimension (schema 2) rather than fixed at max_seq_len."""
+        return any(t.shape[2] == PAST_LEN for t in self.inputs if t.name.startswith("past_key."))
 
     @property
     def input_names(self) -> list[str]:
@@ -149,7 +161,7 @@ def build_io_spec(
 ) -> IOSpec:
     """The I/O contract for a model of this shape.
 
-    attention_mask [batch, max_seq_len + seq]: 1 where a past cache slot / current token is real.
+    attention_mask [batch, past_len + seq]: 1 where a past cache slot / current token is real.
     Causality among the current tokens comes from position_ids (key pos <= query pos).
     logits_index [batch, n_logits]: which current positions get logits (1 for generation, seq for validation).
     With `dca`, the DCA_INPUTS follow logits_index (before the cache), in that order.
@@ -157,7 +169,7 @@ def build_io_spec(
     for per-layer drift reports; the default graph is unchanged.
     """
     kv = ONNX_ELEM[dtype]
-    cache = (BATCH, num_kv_heads, max_seq_len, head_dim)
+    cache = (BATCH, num_kv_heads, PAST_LEN, head_dim)
     inputs = [
         TensorSpec(INPUT_IDS, "int64", (BATCH, SEQ)),
         TensorSpec(POSITION_IDS, "int64", (BATCH, SEQ)),

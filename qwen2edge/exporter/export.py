@@ -101,7 +101,8 @@ def sample_inputs(spec: io_spec.IOSpec, batch: int = 2, seq: int = 3) -> dict[st
     feeds: dict[str, Any] = {}
     for t in spec.inputs:
         shape = [batch if d == io_spec.BATCH else seq if d == io_spec.SEQ else
-                 spec.max_seq_len + seq if d == io_spec.TOTAL_SEQ else 1 if d == io_spec.N_LOGITS else d
+                 spec.max_seq_len + seq if d == io_spec.TOTAL_SEQ else 1 if d == io_spec.N_LOGITS else
+                 spec.max_seq_len if d == io_spec.PAST_LEN else d
                  for d in t.shape]
         if t.dtype == "int64":
             feeds[t.name] = torch.ones(shape, dtype=torch.int64)

@@ -1,7 +1,7 @@
 """The Qwen2 decoder written for export (gpt-fast style): static KV-cache inputs, rotary tables
 gathered by position, fp32 islands for RMSNorm / softmax / the residual stream.
 
-Shapes: B batch, T current tokens, L = max_seq_len cache slots, H query heads, Hkv key/value heads,
+Shapes: B batch, T current tokens, L cache slots handed in (past_len <= max_seq_len), H query heads, Hkv key/value heads,
 G = H / Hkv, D head_dim, R rotary dim, C hidden size, V vocab.
 """
 
@@ -184,9 +184,8 @@ class Qwen2Graph(nn.Module):
         """cos, sin [B, 1, T, R] gathered for positions [B, T]."""
         return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
 
-    def _dca_rope(self, pos_key: Tensor, pos_succ: Tensor, pos_inter: Tensor, q_chunk: Tensor, k_chunk: Tensor,
-                  scale: Tensor) -> tuple:
-        cache_len = self.max_seq_len
+    def _dca_rope(self, cache_len: int, pos_key: Tensor, pos_succ: Tensor, pos_inter: Tensor, q_chunk: Tensor,
+                  k_chunk: Tensor, scale: Tensor) -> tuple:
         sel = torch.clamp(q_chunk[:, :, None] - k_chunk[:, None, :], dca.INTRA, dca.INTER)  # [B, T, L+T]
         sel = sel[:, None, None]  # [B, 1, 1, T, L+T]
         is_intra, is_succ = sel == dca.INTRA, sel == dca.SUCC
@@ -197,10 +196,10 @@ class Qwen2Graph(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, logits_index: Tensor,
                 *rest: Tensor) -> tuple[Tensor, ...]:
-        cache_len = self.max_seq_len
         n_dca = len(io_spec.DCA_INPUTS) if self.dca else 0
         past = rest[n_dca:]
-        rope = self._dca_rope(*rest[:n_dca]) if self.dca else self._rope(position_ids)
+        cache_len = past[0].shape[2]  # a graph dimension (past_len), not max_seq_len: the runtime sizes it
+        rope = self._dca_rope(cache_len, *rest[:n_dca]) if self.dca else self._rope(position_ids)
         valid = attention_mask > 0
         # Past slots: visible when valid. Current tokens: valid and not after the query (by position).
         bias_past = torch.where(valid[:, :cache_len], 0.0, MASK_VALUE)[:, None, None, None, :]  # [B, 1, 1, 1, L]

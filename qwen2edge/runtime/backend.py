@@ -15,16 +15,53 @@ from .. import io_spec
 from ..io_spec import IOSpec
 
 
-class KVCache:
-    """Host-side static cache: one [B, Hkv, L, D] array per past_key.i / past_value.i input."""
+CACHE_BUCKET = 256  # smallest cache capacity (slots); capacities double from here up to max_seq_len
 
-    def __init__(self, spec: IOSpec, batch: int, np_dtype: Any):
+
+def cache_capacity(needed: int, current: int, max_seq_len: int, bucket: int | None = None) -> int:
+    """The capacity a cache holding `needed` slots should have: `current` when it fits, else the next of
+    bucket, 2*bucket, 4*bucket, ... (at least double the current one, so growth copies are amortized),
+    capped at max_seq_len."""
+    if needed > max_seq_len:
+        raise ValueError(f"{needed} cache slots exceed max_seq_len {max_seq_len}")
+    if needed <= current:
+        return current
+    cap = max(bucket or CACHE_BUCKET, 2 * current)
+    while cap < needed:
+        cap *= 2
+    return min(cap, max_seq_len)
+
+
+class KVCache:
+    """Host-side cache: one [B, Hkv, capacity, D] array per past_key.i / past_value.i input.
+
+    With a schema-2 bundle (growable_cache) the capacity starts small and grows in buckets as the
+    sequence does (`reserve`); otherwise it is max_seq_len from the start."""
+
+    def __init__(self, spec: IOSpec, batch: int, np_dtype: Any, capacity: int | None = None):
+        self.spec = spec
         self.batch = batch
+        self.growable = spec.growable_cache
+        self.capacity = min(capacity or spec.max_seq_len, spec.max_seq_len) if self.growable else spec.max_seq_len
+        self.version = 0  # bumped whenever the arrays are replaced (bindings to them must be redone)
         self.arrays: dict[str, np.ndarray] = {}
         for t in spec.inputs:
             if t.name.startswith(("past_key.", "past_value.")):
-                shape = (batch, *t.shape[1:])
+                shape = (batch, t.shape[1], self.capacity, t.shape[3])
                 self.arrays[t.name] = np.zeros(shape, dtype=np_dtype)
+
+    def reserve(self, needed: int) -> int:
+        """Make room for `needed` slots (copying the filled ones into larger arrays); returns the capacity."""
+        if not self.growable or needed <= self.capacity:
+            return self.capacity
+        cap = cache_capacity(needed, self.capacity, self.spec.max_seq_len)
+        for name, old in self.arrays.items():
+            new = np.zeros((*old.shape[:2], cap, old.shape[3]), dtype=old.dtype)
+            new[:, :, :self.capacity] = old
+            self.arrays[name] = new
+        self.capacity = cap
+        self.version += 1
+        return cap
 
     def write(self, presents: dict[str, np.ndarray], write_pos: np.ndarray) -> None:
         """Copy each row's new keys/values into its slots [write_pos[b], write_pos[b] + T)."""
@@ -54,9 +91,14 @@ class Backend(ABC):
     def kv_np_dtype(self) -> Any:
         return {"float32": np.float32, "float16": np.float16}.get(self.spec.kv_dtype, np.float32)
 
-    def new_cache(self, batch: int) -> Any:
-        """A zeroed cache for `batch` rows (opaque to the generator)."""
-        return KVCache(self.spec, batch, self.kv_np_dtype)
+    def new_cache(self, batch: int, capacity: int | None = None) -> Any:
+        """A zeroed cache for `batch` rows (opaque to the generator). `capacity` (slots) is where a
+        growable cache starts; None means max_seq_len. Feeds for it must use `cache.capacity`."""
+        return KVCache(self.spec, batch, self.kv_np_dtype, capacity)
+
+    def reserve(self, cache: Any, needed: int) -> int:
+        """Grow `cache` to hold `needed` slots if it can; returns the capacity the next feed must use."""
+        return cache.reserve(needed)
 
     def step(self, cache: Any, feed: dict[str, np.ndarray], write_pos: np.ndarray) -> np.ndarray:
         """Run the non-cache inputs in `feed` against `cache`, store the new keys/values at

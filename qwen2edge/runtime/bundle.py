@@ -34,9 +34,9 @@ class Bundle:
         if not path.exists():
             raise InputError(f"bundle directory {path} does not exist: run `qwen2edge export MODEL_DIR -o {path}` first")
         manifest = read_manifest(path, verify=verify)
-        if manifest.get("schema_version") != io_spec.SCHEMA_VERSION:
+        if manifest.get("schema_version") not in io_spec.READABLE_SCHEMAS:
             raise BundleError(f"{path} was written with manifest schema {manifest.get('schema_version')}, this "
-                              f"qwen2edge reads {io_spec.SCHEMA_VERSION}: re-export the bundle")
+                              f"qwen2edge reads {', '.join(map(str, io_spec.READABLE_SCHEMAS))}: re-export the bundle")
         try:
             config = ModelConfig.from_dict(manifest["model_config"])
             spec = io_spec.IOSpec.from_dict(manifest["io_spec"])

@@ -29,12 +29,13 @@ class DcaFeed:
     def __call__(self, feed: dict[str, np.ndarray], write_pos: np.ndarray) -> dict[str, np.ndarray]:
         pos = feed[io_spec.POSITION_IDS].astype(np.int64)  # [B, T] true positions
         b, t = pos.shape
+        cache_len = feed[io_spec.ATTENTION_MASK].shape[1] - t  # the cache's capacity this step
         q_chunk = dca.chunk_ids(pos, self.dc)
-        k_chunk = np.empty((b, self.max_seq_len + t), dtype=np.int64)
-        k_chunk[:, :self.max_seq_len] = self.past_chunks
-        k_chunk[:, self.max_seq_len:] = q_chunk
+        k_chunk = np.empty((b, cache_len + t), dtype=np.int64)
+        k_chunk[:, :cache_len] = self.past_chunks[:cache_len]
+        k_chunk[:, cache_len:] = q_chunk
         # The temperature follows the sequence length after this step (the prompt length at prefill).
-        new_valid = feed[io_spec.ATTENTION_MASK][:, self.max_seq_len:].sum(axis=1)
+        new_valid = feed[io_spec.ATTENTION_MASK][:, cache_len:].sum(axis=1)
         length = np.asarray(write_pos, dtype=np.int64).reshape(b) + new_valid
         return {
             io_spec.DCA_POS_KEY: np.minimum(dca.key_positions(pos, self.dc), self.max_index),

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import io_spec
 from ..errors import InputError
-from .backend import Backend
+from .backend import Backend, cache_capacity
 from .sampling import SamplingParams, make_rng, sample_next
 from .tokenizer import StopMatcher, StreamDecoder
 
@@ -64,14 +64,15 @@ def check_fits(prompt_lens: Sequence[int], max_new_tokens: int, max_seq_len: int
         )
 
 
-def prefill_feed(prompts: Sequence[Sequence[int]], max_seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Inputs for the first step: right-padded prompts, empty cache, logits at each row's last token."""
+def prefill_feed(prompts: Sequence[Sequence[int]], cache_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Inputs for the first step: right-padded prompts, empty cache of `cache_len` slots (the cache's
+    capacity), logits at each row's last token."""
     b, t = len(prompts), max(len(p) for p in prompts)
     ids = np.full((b, t), pad_id, dtype=np.int64)
-    mask = np.zeros((b, max_seq_len + t), dtype=np.int64)
+    mask = np.zeros((b, cache_len + t), dtype=np.int64)
     for r, p in enumerate(prompts):
         ids[r, :len(p)] = p
-        mask[r, max_seq_len:max_seq_len + len(p)] = 1
+        mask[r, cache_len:cache_len + len(p)] = 1
     return {
         io_spec.INPUT_IDS: ids,
         io_spec.POSITION_IDS: np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy(),
@@ -80,12 +81,13 @@ def prefill_feed(prompts: Sequence[Sequence[int]], max_seq_len: int, pad_id: int
     }
 
 
-def decode_feed(tokens: np.ndarray, lengths: np.ndarray, max_seq_len: int) -> dict[str, np.ndarray]:
-    """Inputs for one decode step: each row's token at position lengths[b], slots [0, lengths[b]) valid."""
+def decode_feed(tokens: np.ndarray, lengths: np.ndarray, cache_len: int) -> dict[str, np.ndarray]:
+    """Inputs for one decode step over a cache of `cache_len` slots: each row's token at position
+    lengths[b], slots [0, lengths[b]) valid."""
     b = tokens.shape[0]
-    mask = np.zeros((b, max_seq_len + 1), dtype=np.int64)
-    mask[:, :max_seq_len] = np.arange(max_seq_len)[None, :] < lengths[:, None]
-    mask[:, max_seq_len] = 1
+    mask = np.zeros((b, cache_len + 1), dtype=np.int64)
+    mask[:, :cache_len] = np.arange(cache_len)[None, :] < lengths[:, None]
+    mask[:, cache_len] = 1
     return {
         io_spec.INPUT_IDS: tokens.reshape(b, 1).astype(np.int64),
         io_spec.POSITION_IDS: lengths.reshape(b, 1).astype(np.int64),
@@ -161,9 +163,13 @@ class Generator:
             if on_finish:
                 on_finish(r, results[r])
 
-        cache = self.backend.new_cache(b)
+        # The cache starts at the smallest bucket that holds the prompts and their first new token, and
+        # grows with the sequence: a step attends every slot it is handed.
+        longest = int(lengths.max())
+        cache = self.backend.new_cache(b, capacity=cache_capacity(longest + 1, 0, self.max_seq_len))
         t0 = time.perf_counter()
-        logits = self._step(cache, prefill_feed(prompts, self.max_seq_len, self.pad_id), np.zeros(b, dtype=np.int64))
+        cap = self.backend.reserve(cache, longest)
+        logits = self._step(cache, prefill_feed(prompts, cap, self.pad_id), np.zeros(b, dtype=np.int64))
         timings.prefill_s = time.perf_counter() - t0
         t_dec = time.perf_counter()
         for step in range(max_steps):
@@ -195,7 +201,8 @@ class Generator:
             # Finished rows keep their write position: they are still computed (the batch shape is
             # static) but never advance past the slots their own request was checked to fit in.
             live = ~done
-            logits = self._step(cache, decode_feed(nxt, lengths, self.max_seq_len), lengths)
+            cap = self.backend.reserve(cache, int(lengths.max()) + 1)
+            logits = self._step(cache, decode_feed(nxt, lengths, cap), lengths)
             lengths = lengths + live
             timings.decode_steps += 1
         timings.decode_s = time.perf_counter() - t_dec

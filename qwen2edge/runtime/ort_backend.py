@@ -49,6 +49,7 @@ class _DecodeBuffers:
     def __init__(self, session: Any, spec: IOSpec, cache: KVCache, n_logits: int):
         self.binding = session.io_binding()
         self.n_logits = n_logits
+        self.cache_version = cache.version
         b = cache.batch
         self.outputs: dict[str, np.ndarray] = {}
         dims = {io_spec.BATCH: b, io_spec.SEQ: 1, io_spec.N_LOGITS: n_logits}
@@ -58,7 +59,7 @@ class _DecodeBuffers:
             self.outputs[t.name] = arr
             self.binding.bind_output(t.name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         for name, arr in cache.arrays.items():
-            self.binding.bind_cpu_input(name, arr)  # bound once: KVCache.write updates it in place
+            self.binding.bind_cpu_input(name, arr)  # bound once per capacity: KVCache.write updates in place
 
 
 class OrtBackend(Backend):
@@ -150,7 +151,7 @@ class OrtBackend(Backend):
             return super().step(cache, feed, write_pos)
         n_logits = feed[io_spec.LOGITS_INDEX].shape[1]
         bufs = getattr(cache, "_ort_decode", None)
-        if bufs is None or bufs.n_logits != n_logits:
+        if bufs is None or bufs.n_logits != n_logits or bufs.cache_version != cache.version:
             bufs = cache._ort_decode = _DecodeBuffers(self.session, self.spec, cache, n_logits)
         for name, arr in feed.items():
             bufs.binding.bind_cpu_input(name, np.ascontiguousarray(arr))

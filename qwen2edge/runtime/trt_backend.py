@@ -51,12 +51,18 @@ def kv_copy_plan(batch: int, heads: int, max_len: int, head_dim: int, seq: int, 
 
 
 class DeviceKVCache:
-    """One device array per past_key.i / past_value.i, [B, Hkv, L, D], zeroed at creation."""
+    """One device array per past_key.i / past_value.i, [B, Hkv, max_seq_len, D], zeroed at creation.
+
+    It does not grow: the engine's profiles pin past_len to max_seq_len (trt/profiles.py)."""
 
     def __init__(self, spec: IOSpec, batch: int, arrays: dict[str, Any]):
         self.spec = spec
         self.batch = batch
         self.arrays = arrays  # name -> polygraphy.cuda.DeviceArray
+        self.capacity = spec.max_seq_len
+
+    def reserve(self, needed: int) -> int:
+        return self.capacity
 
 
 class TrtBackend(Backend):
@@ -122,14 +128,16 @@ class TrtBackend(Backend):
 
     # ---- Backend --------------------------------------------------------------------------------
 
-    def new_cache(self, batch: int) -> DeviceKVCache:
-        """A zeroed device cache; reused per batch size (zeroing matters: 0 * NaN garbage is NaN)."""
+    def new_cache(self, batch: int, capacity: int | None = None) -> DeviceKVCache:
+        """A zeroed full-size device cache (`capacity` is ignored); reused per batch size (zeroing
+        matters: 0 * NaN garbage is NaN)."""
         cache = self._cache_pool.get(batch)
         if cache is None:
             arrays = {}
             for t in self.spec.inputs:
                 if t.name.startswith(("past_key.", "past_value.")):
-                    arrays[t.name] = self._cuda.DeviceArray(shape=(batch, *t.shape[1:]), dtype=self._dtype(t.name))
+                    shape = (batch, t.shape[1], self.spec.max_seq_len, t.shape[3])  # past_len may be symbolic
+                    arrays[t.name] = self._cuda.DeviceArray(shape=shape, dtype=self._dtype(t.name))
             cache = self._cache_pool[batch] = DeviceKVCache(self.spec, batch, arrays)
         for arr in cache.arrays.values():
             self._zero(arr)

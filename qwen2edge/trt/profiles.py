@@ -74,8 +74,10 @@ def resolve_limits(spec: IOSpec, max_batch: int = 1, max_input_len: int | None =
 
 
 def _dims(spec: IOSpec, batch: int, seq: int, n_logits: int, name: str, shape: Sequence[Any]) -> Shape:
+    # The TensorRT backend keeps one full-size device cache (it does not grow it like the host cache),
+    # so past_len is pinned to max_seq_len.
     sym = {io_spec.BATCH: batch, io_spec.SEQ: seq, io_spec.N_LOGITS: n_logits,
-           io_spec.TOTAL_SEQ: spec.max_seq_len + seq}
+           io_spec.PAST_LEN: spec.max_seq_len, io_spec.TOTAL_SEQ: spec.max_seq_len + seq}
     out = []
     for d in shape:
         if isinstance(d, int):

@@ -32,3 +32,16 @@ def test_bench_decode_tiny_prints_the_table(tmp_path):
     sizes = {p: float(next(l for l in out.splitlines() if l.startswith(f"qwen2edge {p}")).split()[2])
              for p in ("fp32", "int8", "int4")}
     assert sizes["int4"] < sizes["int8"] < sizes["fp32"], sizes
+
+
+@pytest.mark.slow
+def test_long_context_tiny_prints_both_tables():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "long_context.py"), "--tiny", "--lengths", "1024",
+           "--modes", "plain", "dca", "--steps", "2", "--short-context", "100"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s+1024\s+(plain|dca)\s", line)]
+    assert len(rows) == 4, proc.stdout  # end-of-cache table + short-context table, two modes each
+    short = [r for r in rows if len(r) == 6]
+    # full tok/s, grown tok/s, capacity, speedup: the grown cache is the 256-slot bucket, not 1024
+    assert len(short) == 2 and all(r[4] == "256" and float(r[2]) > 0 and float(r[3]) > 0 for r in short), short

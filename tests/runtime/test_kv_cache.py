@@ -1,0 +1,138 @@
+"""The growable host cache: capacity policy, growth that keeps what was written, and generation through
+growth that still equals transformers (buckets shrunk to 8 slots so the tiny models grow several times)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from qwen2edge import io_spec
+from qwen2edge.runtime import backend as backend_mod
+from qwen2edge.runtime.backend import KVCache, cache_capacity
+from qwen2edge.runtime.bundle import ORT_CACHE, Bundle
+from qwen2edge.runtime.api import load_generator
+from qwen2edge.runtime.generator import Generator
+from qwen2edge.runtime.sampling import SamplingParams
+
+PROMPTS = [[151644, 872, 198, 9707, 0, 11, 1879, 30], [40, 1079, 264, 1273, 13], [3838]]
+GREEDY_60 = SamplingParams(max_new_tokens=60, stop_token_ids=(-1,))
+
+
+@pytest.mark.parametrize("needed, current, max_len, want", [
+    (1, 0, 4096, 256), (256, 0, 4096, 256), (257, 0, 4096, 512), (257, 256, 4096, 512),
+    (100, 256, 4096, 256),  # fits: unchanged
+    (1100, 256, 4096, 2048),  # jumps straight to the bucket that fits
+    (3000, 2048, 3000, 3000),  # capped at max_seq_len
+    (10, 0, 96, 96),  # a short bundle is one bucket
+])
+def test_capacity_policy(needed, current, max_len, want):
+    assert cache_capacity(needed, current, max_len) == want
+
+
+def test_capacity_beyond_max_seq_len_is_refused():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        cache_capacity(97, 64, 96)
+
+
+def _spec(max_len: int, growable: bool = True) -> io_spec.IOSpec:
+    spec = io_spec.build_io_spec(2, 2, 4, 10, max_len, "fp32")
+    if growable:
+        return spec
+    fixed = tuple(io_spec.TensorSpec(t.name, t.dtype, (t.shape[0], t.shape[1], max_len, t.shape[3]))
+                  if t.name.startswith("past_") else t for t in spec.inputs)
+    return io_spec.IOSpec(fixed, spec.outputs, spec.num_layers, max_len, spec.kv_dtype, spec.dca)
+
+
+def test_growth_keeps_written_slots_and_marks_the_arrays_replaced():
+    cache = KVCache(_spec(1000), 2, np.float32, capacity=256)
+    assert cache.capacity == 256 and cache.arrays["past_key.0"].shape == (2, 2, 256, 4)
+    rng = np.random.default_rng(0)
+    presents = {n.replace("past_", "present_"): rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
+                for n in cache.arrays}
+    cache.write(presents, np.array([250, 10]))
+    before = {n: a.copy() for n, a in cache.arrays.items()}
+    assert cache.reserve(256) == 256 and cache.version == 0  # fits: nothing moves
+    assert cache.reserve(300) == 512 and cache.version == 1
+    for name, arr in cache.arrays.items():
+        assert arr.shape == (2, 2, 512, 4)
+        np.testing.assert_array_equal(arr[:, :, :256], before[name])
+        assert not arr[:, :, 256:].any()
+    assert cache.reserve(1000) == 1000  # the last bucket is max_seq_len itself
+
+
+def test_a_schema_1_spec_keeps_a_full_size_cache():
+    cache = KVCache(_spec(64, growable=False), 1, np.float32, capacity=8)
+    assert not cache.growable and cache.capacity == 64 and cache.reserve(64) == 64 and cache.version == 0
+
+
+@pytest.fixture
+def small_buckets(monkeypatch):
+    monkeypatch.setattr(backend_mod, "CACHE_BUCKET", 8)
+
+
+def _recording(gen: Generator) -> list[int]:
+    """Capacities the generator asks for, step by step."""
+    caps: list[int] = []
+    reserve = gen.backend.reserve
+
+    def spy(cache, needed):
+        caps.append(reserve(cache, needed))
+        return caps[-1]
+
+    gen.backend.reserve = spy
+    return caps
+
+
+@pytest.mark.parametrize("variant", ["gqa", "yarn", "mqa_tied"])
+def test_greedy_through_cache_growth_matches_transformers(variant, small_buckets, tiny_bundle_factory,
+                                                          hf_reference_factory):
+    model_dir, bundle_dir = tiny_bundle_factory(variant)
+    ref = hf_reference_factory(model_dir)
+    bundle = Bundle.open(bundle_dir)
+    gen = Generator(bundle.backend("ort"), bundle.tokenizer)
+    caps = _recording(gen)
+    results, _ = gen.generate([PROMPTS[0]], GREEDY_60)
+    assert results[0].token_ids == ref.greedy(PROMPTS[0], 60)
+    assert caps[0] == 16 and sorted(set(caps)) == [16, 32, 64, 96], sorted(set(caps))  # grew 3 times
+
+
+def test_padded_batch_through_growth_equals_single_requests(small_buckets, tiny_bundle_factory):
+    _, bundle_dir = tiny_bundle_factory("gqa")
+    _, gen = load_generator(bundle_dir)
+    batch, _ = gen.generate(PROMPTS, GREEDY_60)
+    for prompt, row in zip(PROMPTS, batch):
+        single, _ = gen.generate([prompt], GREEDY_60)
+        assert row.token_ids == single[0].token_ids and len(row.token_ids) == 60
+
+
+def test_dca_through_growth_equals_a_full_size_cache(tiny_bundle_factory, monkeypatch):
+    """DCA's chunk ids are sliced to the cache's capacity each step; 60 tokens cross several chunks."""
+    _, bundle_dir = tiny_bundle_factory("dca")
+    outs = {}
+    for bucket in (8, 1 << 20):  # growing from 8 slots / max_seq_len from the start
+        monkeypatch.setattr(backend_mod, "CACHE_BUCKET", bucket)
+        _, gen = load_generator(bundle_dir)
+        caps = _recording(gen)
+        outs[bucket] = gen.generate([PROMPTS[0]], GREEDY_60)[0][0].token_ids
+        assert len(set(caps)) == (1 if bucket > 96 else 4)
+    assert outs[8] == outs[1 << 20] and len(outs[8]) == 60
+
+
+def test_a_schema_1_bundle_still_runs(tiny_bundle_factory, tmp_path):
+    """Bundles written before the cache length became a graph dimension: full-size cache, same tokens."""
+    _, bundle_dir = tiny_bundle_factory("gqa")
+    old = tmp_path / "old"
+    shutil.copytree(bundle_dir, old, ignore=shutil.ignore_patterns(ORT_CACHE))
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    for t in manifest["io_spec"]["inputs"]:
+        if t["name"].startswith("past_"):
+            t["shape"][2] = manifest["max_seq_len"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    bundle, gen = load_generator(old)
+    assert not bundle.spec.growable_cache
+    caps = _recording(gen)
+    got = gen.generate([PROMPTS[1]], GREEDY_60)[0][0].token_ids
+    assert set(caps) == {bundle.max_seq_len}
+    assert got == load_generator(bundle_dir)[1].generate([PROMPTS[1]], GREEDY_60)[0][0].token_ids
