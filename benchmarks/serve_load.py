@@ -4,9 +4,11 @@ Against a running server (--url), or one this script starts on a bundle (--bundl
 `qwen2edge demo` bundle of SmolLM2-135M-Instruct in ~/.cache/qwen2edge). Each level runs N streaming
 chat requests (greedy, fixed max_tokens) from C concurrent clients and prints one table row:
 completion tokens/s and requests/s over the level's wall time, p50/p95 end-to-end latency and p50/p95
-time to first token, and the throughput relative to concurrency 1 measured in the same run.
+time to first token, and the throughput relative to concurrency 1 measured in the same run. With
+several --batching modes (default: in-flight and static), each gets its own server on the same
+bundle in the same run, and a last column compares in-flight with static at each level.
 
-    python benchmarks/serve_load.py                       # starts a server on the demo bundle
+    python benchmarks/serve_load.py                       # starts servers on the demo bundle
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model NAME
 """
 
@@ -80,9 +82,10 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
             "ttft50": statistics.median(ttft), "ttft95": percentile(ttft, 95)}
 
 
-def start_server(bundle: Path, port: int, max_concurrency: int, max_batch: int) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, max_concurrency: int, max_batch: int, batching: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qwen2edge.cli", "serve", str(bundle), "--port", str(port), "--served-model-name",
-           "bench", "--max-concurrency", str(max_concurrency), "--max-batch", str(max_batch), "--max-queue", "256"]
+           "bench", "--max-concurrency", str(max_concurrency), "--max-batch", str(max_batch), "--max-queue", "256",
+           "--batching", batching]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -108,37 +111,45 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16", help="client concurrency levels")
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--batching", default="in-flight,static", help="server modes to compare (started here)")
     args = ap.parse_args()
 
-    proc = None
-    url, model = args.url, args.model
-    if url is None:
-        if not (args.bundle / "manifest.json").is_file():
-            sys.exit(f"no bundle at {args.bundle}: run `qwen2edge demo` once, or pass --bundle / --url")
-        proc = start_server(args.bundle, args.port, args.max_concurrency, args.max_batch)
-        url, model = f"http://127.0.0.1:{args.port}", "bench"
-    try:
-        asyncio.run(run_level(url, model, 1, 1, args.max_tokens))  # warm-up: sessions, allocator, caches
-        rows = []
-        for c in (int(x) for x in args.levels.split(",")):
-            rows.append(asyncio.run(run_level(url, model, c, max(4, c * args.requests_per_client), args.max_tokens)))
-            print(f"  concurrency {c}: done in {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+    rows = []
+    modes = ["(as running)"] if args.url else args.batching.split(",")
+    for mode in modes:
+        proc = None
+        url, model = args.url, args.model
+        if url is None:
+            if not (args.bundle / "manifest.json").is_file():
+                sys.exit(f"no bundle at {args.bundle}: run `qwen2edge demo` once, or pass --bundle / --url")
+            print(f"starting a server with --batching {mode}", file=sys.stderr)
+            proc = start_server(args.bundle, args.port, args.max_concurrency, args.max_batch, mode)
+            url, model = f"http://127.0.0.1:{args.port}", "bench"
+        try:
+            asyncio.run(run_level(url, model, 1, 1, args.max_tokens))  # warm-up: sessions, allocator, caches
+            for c in (int(x) for x in args.levels.split(",")):
+                row = asyncio.run(run_level(url, model, c, max(4, c * args.requests_per_client), args.max_tokens))
+                rows.append({"mode": mode, **row})
+                print(f"  {mode}, concurrency {c}: done in {row['wall_s']:.1f} s", file=sys.stderr)
+        finally:
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
 
-    print(f"\nserver {url}, model {model}, greedy chat, max_tokens {args.max_tokens}, streaming; "
+    print(f"\nmodel {args.model if args.url else args.bundle.name}, greedy chat, max_tokens {args.max_tokens}, "
+          f"streaming; server --max-concurrency {args.max_concurrency} --max-batch {args.max_batch}; "
           f"{os.cpu_count()} CPUs visible")
-    head = ("concurrency", "requests", "tokens", "tok/s", "req/s", "p50 s", "p95 s", "TTFT p50", "TTFT p95",
-            "tok/s vs c=1")
+    head = ("batching", "concurrency", "requests", "tokens", "tok/s", "req/s", "p50 s", "p95 s", "TTFT p50",
+            "TTFT p95", "tok/s vs c=1", "tok/s vs static")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    base = rows[0]["tok_s"]
+    base = {r["mode"]: r["tok_s"] for r in reversed(rows)}  # each mode's first level
+    static = {r["concurrency"]: r["tok_s"] for r in rows if r["mode"] == "static"}
     for r in rows:
-        print(f"| {r['concurrency']} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | {r['req_s']:.2f} | "
-              f"{r['p50']:.2f} | {r['p95']:.2f} | {r['ttft50']:.2f} | {r['ttft95']:.2f} | "
-              f"{r['tok_s'] / base:.2f}x |")
+        vs = f"{r['tok_s'] / static[r['concurrency']]:.2f}x" if r["concurrency"] in static else "-"
+        print(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | "
+              f"{r['req_s']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['ttft50']:.2f} | {r['ttft95']:.2f} | "
+              f"{r['tok_s'] / base[r['mode']]:.2f}x | {vs} |")
 
 
 if __name__ == "__main__":

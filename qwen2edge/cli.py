@@ -270,6 +270,9 @@ def validate(model_dir: str, bundle_dir: str, steps: int, long_prompt_tokens: in
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-concurrency", type=int, default=8, show_default=True, help="Requests generating at once.")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Rows per backend batch.")
+@click.option("--batching", type=click.Choice(["in-flight", "static"]), default="in-flight", show_default=True,
+              help="in-flight: requests join and leave a running batch between decode steps; static: a batch "
+                   "runs until its last row ends (TensorRT always runs static batches).")
 @click.option("--max-queue", type=int, default=64, show_default=True,
               help="Requests waiting for a slot; beyond it, 429 with Retry-After.")
 @click.option("--api-key", default=None, envvar="QWEN2EDGE_API_KEY",
@@ -278,13 +281,13 @@ def validate(model_dir: str, bundle_dir: str, steps: int, long_prompt_tokens: in
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="Seconds SIGINT/SIGTERM waits for in-flight requests before cancelling them.")
 def serve(bundle_dir: str, backend: str, host: str, port: int, max_concurrency: int, max_batch: int,
-          max_queue: int, api_key: str | None, model_name: str | None, shutdown_timeout: float) -> None:
+          batching: str, max_queue: int, api_key: str | None, model_name: str | None, shutdown_timeout: float) -> None:
     """Serve a bundle over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
     from .serve.server import serve as run
 
     run(bundle_dir, backend=backend, host=host, port=port, max_concurrency=max_concurrency, max_batch=max_batch,
         max_queue=max_queue, api_key=api_key, model_name=model_name, shutdown_timeout=shutdown_timeout,
-        progress=progress)
+        batching=batching, progress=progress)
 
 
 @main.command()

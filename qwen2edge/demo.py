@@ -10,13 +10,16 @@ from .errors import Qwen2EdgeError
 
 
 def cached_bundle(model_dir: Path, bundle_dir: Path, progress: Callable[[str], None]) -> Path:
-    """Export once; reuse a bundle whose manifest verifies and points at the same model."""
+    """Export once; reuse a bundle whose manifest verifies, points at the same model and has the current
+    schema (an older one still runs, but without what changed since, e.g. the growable cache)."""
+    from . import io_spec
     from .exporter.export import ExportOptions, export_bundle
     from .runtime.bundle import Bundle
 
     try:
         bundle = Bundle.open(bundle_dir)
-        if bundle.manifest.get("source", {}).get("model_dir") == str(model_dir.absolute()):
+        if (bundle.manifest.get("source", {}).get("model_dir") == str(model_dir.absolute())
+                and bundle.manifest.get("schema_version") == io_spec.SCHEMA_VERSION):
             progress(f"reusing bundle {bundle_dir}")
             return bundle_dir
     except Qwen2EdgeError:

@@ -54,14 +54,39 @@ class KVCache:
         """Make room for `needed` slots (copying the filled ones into larger arrays); returns the capacity."""
         if not self.growable or needed <= self.capacity:
             return self.capacity
-        cap = cache_capacity(needed, self.capacity, self.spec.max_seq_len)
+        self._reallocate(cache_capacity(needed, self.capacity, self.spec.max_seq_len))
+        return self.capacity
+
+    def fit(self, needed: int) -> int:
+        """`reserve`, and also shrink when `needed` slots use under a quarter of the capacity (a batch
+        that outlived its long sequences stops paying for their slots); returns the capacity."""
+        if self.growable and needed <= self.capacity // 4:
+            smaller = cache_capacity(needed, 0, self.spec.max_seq_len)
+            if smaller < self.capacity:
+                self._reallocate(smaller)
+        return self.reserve(needed)
+
+    def view(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) sharing these arrays (contiguous: batch is the outermost axis); a step
+        run on the view reads and writes those rows of this cache."""
+        v = object.__new__(KVCache)
+        v.spec, v.batch, v.growable, v.capacity, v.version = self.spec, stop - start, False, self.capacity, self.version
+        v.arrays = {name: arr[start:stop] for name, arr in self.arrays.items()}
+        return v
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src`'s slots over row `dst` (compacting a batch whose middle rows finished)."""
+        for arr in self.arrays.values():
+            arr[dst] = arr[src]
+
+    def _reallocate(self, cap: int) -> None:
+        keep = min(cap, self.capacity)
         for name, old in self.arrays.items():
             new = np.zeros((*old.shape[:2], cap, old.shape[3]), dtype=old.dtype)
-            new[:, :, :self.capacity] = old
+            new[:, :, :keep] = old[:, :, :keep]
             self.arrays[name] = new
         self.capacity = cap
         self.version += 1
-        return cap
 
     def write(self, presents: dict[str, np.ndarray], write_pos: np.ndarray) -> None:
         """Copy each row's new keys/values into its slots [write_pos[b], write_pos[b] + T)."""
@@ -79,6 +104,9 @@ class Backend(ABC):
     # Whether `step` may run from several threads at once on separate caches (a server then runs
     # several batches concurrently); False unless the runtime documents it.
     thread_safe: bool = False
+    # Whether its caches are host KVCaches, whose row views let sequences join and leave a running
+    # batch (runtime/continuous.py).
+    in_flight_batching: bool = True
 
     def __init__(self, spec: IOSpec):
         self.spec = spec

@@ -96,6 +96,67 @@ def decode_feed(tokens: np.ndarray, lengths: np.ndarray, cache_len: int) -> dict
     }
 
 
+class Row:
+    """One sequence's decoding state: its sampler, stop rules, streaming text and result.
+
+    Shared by the static batch of `Generator.generate` and the in-flight batch of
+    `runtime.continuous`, so both stop, stream and finish a sequence the same way."""
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, default_stop_ids: Sequence[int],
+                 tokenizer, rng: np.random.Generator | None):
+        self.result = Generation(prompt_ids=list(map(int, prompt_ids)))
+        self.params = params
+        self.stop_ids = set(params.stop_token_ids or default_stop_ids)
+        self.rng = rng  # None when the batch samples all rows with one shared generator
+        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+        self.matcher = StopMatcher(params.stop_strings)
+        self.history = list(self.result.prompt_ids)
+        self.length = len(self.result.prompt_ids)  # cache slots filled
+        self.done = False
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The next token from this row's logits [1, V] with its own sampler."""
+        prev = [self.history] if self.params.repetition_penalty != 1.0 else None
+        return int(sample_next(logits, self.params, self.rng, prev)[0])
+
+    def accept(self, tok: int, on_text: Callable[[str], None] | None) -> bool:
+        """Take a sampled token; returns True when the row is complete (then call `finish`)."""
+        if tok in self.stop_ids:
+            self.result.finish_reason = "stop"
+            return True
+        self.result.token_ids.append(tok)
+        self.history.append(tok)
+        if self.decoder is not None:
+            self._emit(self.decoder.push(tok), on_text)
+        return self.done or len(self.result.token_ids) >= self.params.max_new_tokens
+
+    def cancel(self) -> None:
+        self.result.finish_reason = "cancelled"
+
+    def finish(self, on_text: Callable[[str], None] | None) -> Generation:
+        """Mark the row done and flush its held-back text (so a stream ends without waiting for others)."""
+        self.done = True
+        if self.decoder is not None and not self.matcher.stopped:
+            self._emit(self.decoder.flush(), on_text)
+            tail = self.matcher.flush()
+            if tail:
+                self.result.text += tail
+                if on_text:
+                    on_text(tail)
+        return self.result
+
+    def _emit(self, delta: str, on_text: Callable[[str], None] | None) -> None:
+        if not delta:
+            return
+        safe, hit = self.matcher.feed(delta)
+        if safe:
+            self.result.text += safe
+            if on_text:
+                on_text(safe)
+        if hit:
+            self.done, self.result.finish_reason = True, "stop"
+
+
 class Generator:
     """Runs generation for one bundle's backend and tokenizer."""
 
@@ -112,10 +173,16 @@ class Generator:
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         self.pad_id = int(pad if pad is not None else (self.default_stop_ids or (0,))[0])
 
-    def _step(self, cache, feed: dict[str, np.ndarray], positions_start: np.ndarray) -> np.ndarray:
+    def step(self, cache, feed: dict[str, np.ndarray], positions_start: np.ndarray) -> np.ndarray:
+        """One backend step with the host-side extra inputs (DCA) added; returns logits [B, N, V]."""
         if self.extra_feed is not None:
             feed = {**feed, **self.extra_feed(feed, positions_start)}
         return self.backend.step(cache, feed, positions_start)
+
+    def new_row(self, prompt_ids: Sequence[int], params: SamplingParams) -> Row:
+        """A row with its own seeded sampler, checked to fit the cache."""
+        check_fits([len(prompt_ids)], params.max_new_tokens, self.max_seq_len)
+        return Row(prompt_ids, params, self.default_stop_ids, self.tokenizer, make_rng(params.seed))
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  on_text: OnText | None = None, *, should_stop: ShouldStop | None = None,
@@ -130,38 +197,24 @@ class Generator:
         prompts = [list(map(int, p)) for p in prompts]
         b = len(prompts)
         per_row = not isinstance(params, SamplingParams)
-        rows = list(params) if per_row else [params] * b
-        if len(rows) != b:
-            raise InputError(f"got {len(rows)} SamplingParams for {b} prompts: pass one per prompt or a single one")
+        plist = list(params) if per_row else [params] * b
+        if len(plist) != b:
+            raise InputError(f"got {len(plist)} SamplingParams for {b} prompts: pass one per prompt or a single one")
         if per_row:
-            for p, rp in zip(prompts, rows):
-                check_fits([len(p)], rp.max_new_tokens, self.max_seq_len)
+            rows = [self.new_row(p, rp) for p, rp in zip(prompts, plist)]
+            shared_rng = None
         else:
             check_fits([len(p) for p in prompts], params.max_new_tokens, self.max_seq_len)
-        max_steps = max(rp.max_new_tokens for rp in rows)
-        stop_ids = [set(rp.stop_token_ids or self.default_stop_ids) for rp in rows]
-        rngs = [make_rng(rp.seed) for rp in rows] if per_row else [make_rng(params.seed)]
-        results = [Generation(prompt_ids=p) for p in prompts]
-        decoders = [StreamDecoder(self.tokenizer) if self.tokenizer is not None else None for _ in prompts]
-        matchers = [StopMatcher(rp.stop_strings) for rp in rows]
-        done = np.zeros(b, dtype=bool)
+            rows = [Row(p, params, self.default_stop_ids, self.tokenizer, None) for p in prompts]
+            shared_rng = make_rng(params.seed)
+        max_steps = max(rp.max_new_tokens for rp in plist)
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        history = [list(p) for p in prompts]
         timings = Timings()
 
         def finish(r: int) -> None:
-            # Flush the row's held-back text as soon as it is complete, so a stream ends without
-            # waiting for the rest of the batch.
-            done[r] = True
-            if decoders[r] is not None and not matchers[r].stopped:
-                self._emit(r, decoders[r].flush(), results, matchers, done, on_text)
-                tail = matchers[r].flush()
-                if tail:
-                    results[r].text += tail
-                    if on_text:
-                        on_text(r, tail)
+            rows[r].finish((lambda d: on_text(r, d)) if on_text else None)
             if on_finish:
-                on_finish(r, results[r])
+                on_finish(r, rows[r].result)
 
         # The cache starts at the smallest bucket that holds the prompts and their first new token, and
         # grows with the sequence: a step attends every slot it is handed.
@@ -169,68 +222,47 @@ class Generator:
         cache = self.backend.new_cache(b, capacity=cache_capacity(longest + 1, 0, self.max_seq_len))
         t0 = time.perf_counter()
         cap = self.backend.reserve(cache, longest)
-        logits = self._step(cache, prefill_feed(prompts, cap, self.pad_id), np.zeros(b, dtype=np.int64))
+        logits = self.step(cache, prefill_feed(prompts, cap, self.pad_id), np.zeros(b, dtype=np.int64))
         timings.prefill_s = time.perf_counter() - t0
         t_dec = time.perf_counter()
         for step in range(max_steps):
             if should_stop is not None:
                 for r in range(b):
-                    if not done[r] and should_stop(r):
-                        results[r].finish_reason = "cancelled"
+                    if not rows[r].done and should_stop(r):
+                        rows[r].cancel()
                         finish(r)
-                if done.all():
+                if all(row.done for row in rows):
                     break
-            nxt = self._sample(logits[:, -1, :], rows, rngs, history, done, per_row)
-            for r in range(b):
-                if done[r]:
+            nxt = self._sample(logits[:, -1, :], rows, shared_rng)
+            for r, row in enumerate(rows):
+                if row.done:
                     continue
                 tok = int(nxt[r])
-                if tok in stop_ids[r]:
-                    results[r].finish_reason = "stop"
+                timings.new_tokens += tok not in row.stop_ids
+                if row.accept(tok, (lambda d, r=r: on_text(r, d)) if on_text else None):
                     finish(r)
-                    continue
-                results[r].token_ids.append(tok)
-                history[r].append(tok)
-                timings.new_tokens += 1
-                if decoders[r] is not None:
-                    self._emit(r, decoders[r].push(tok), results, matchers, done, on_text)
-                if done[r] or len(results[r].token_ids) >= rows[r].max_new_tokens:
-                    finish(r)
-            if done.all() or step == max_steps - 1:
+            if all(row.done for row in rows) or step == max_steps - 1:
                 break
             # Finished rows keep their write position: they are still computed (the batch shape is
             # static) but never advance past the slots their own request was checked to fit in.
-            live = ~done
+            live = np.array([not row.done for row in rows])
             cap = self.backend.reserve(cache, int(lengths.max()) + 1)
-            logits = self._step(cache, decode_feed(nxt, lengths, cap), lengths)
+            logits = self.step(cache, decode_feed(nxt, lengths, cap), lengths)
             lengths = lengths + live
             timings.decode_steps += 1
         timings.decode_s = time.perf_counter() - t_dec
-        for r in range(b):
-            if not done[r]:
+        for r, row in enumerate(rows):
+            if not row.done:
                 finish(r)
-        return results, timings
+        return [row.result for row in rows], timings
 
-    def _sample(self, logits: np.ndarray, rows: list[SamplingParams], rngs: list[np.random.Generator],
-                history: list[list[int]], done: np.ndarray, per_row: bool) -> np.ndarray:
-        if not per_row:
-            params = rows[0]
-            return sample_next(logits, params, rngs[0], history if params.repetition_penalty != 1.0 else None)
+    def _sample(self, logits: np.ndarray, rows: list[Row], shared_rng: np.random.Generator | None) -> np.ndarray:
+        if shared_rng is not None:
+            params = rows[0].params
+            history = [row.history for row in rows] if params.repetition_penalty != 1.0 else None
+            return sample_next(logits, params, shared_rng, history)
         nxt = np.full(len(rows), self.pad_id, dtype=np.int64)
-        for r, rp in enumerate(rows):
-            if not done[r]:
-                prev = [history[r]] if rp.repetition_penalty != 1.0 else None
-                nxt[r] = sample_next(logits[r:r + 1], rp, rngs[r], prev)[0]
+        for r, row in enumerate(rows):
+            if not row.done:
+                nxt[r] = row.sample(logits[r:r + 1])
         return nxt
-
-    @staticmethod
-    def _emit(r: int, delta: str, results, matchers, done, on_text) -> None:
-        if not delta:
-            return
-        safe, hit = matchers[r].feed(delta)
-        if safe:
-            results[r].text += safe
-            if on_text:
-                on_text(r, safe)
-        if hit:
-            done[r], results[r].finish_reason = True, "stop"

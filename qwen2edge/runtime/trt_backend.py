@@ -69,6 +69,7 @@ class TrtBackend(Backend):
     """Runs bundle/engine/model.plan with TensorRT's name-based I/O API (execute_async_v3)."""
 
     name = "trt"
+    in_flight_batching = False  # the device cache has no row views: the server runs static batches
 
     @classmethod
     def from_bundle(cls, bundle: Any, engine_dir: str | Path | None = None) -> "TrtBackend":

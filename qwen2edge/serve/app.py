@@ -39,6 +39,7 @@ class ServeSettings:
     max_concurrency: int = 8
     max_batch: int = 8
     max_queue: int = 64
+    batching: str = "in-flight"  # or "static"
 
 
 class _State:
@@ -47,7 +48,7 @@ class _State:
         self.tokenizer = bundle.tokenizer
         self.metrics = Metrics()
         self.scheduler = Scheduler(generator, settings.max_concurrency, settings.max_batch, settings.max_queue,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, in_flight=settings.batching == "in-flight")
         self.created = int(time.time())
 
     def check_auth(self, request: Request) -> None:

@@ -1,9 +1,12 @@
-"""Owns the generator: a bounded queue of requests, drained by worker threads in padded batches.
+"""Owns the generator: a bounded queue of requests, drained by worker threads.
 
-Each worker takes up to `max_batch` waiting requests and runs them as one right-padded batch with
-per-row SamplingParams (runtime.generator): every row has its own cache slots, sampler and stop
-state, so a request's output does not depend on what it was batched with. Workers share the backend
-only when it says its `infer` is thread-safe; otherwise one worker runs.
+Each worker owns an in-flight batch of up to `max_batch` rows (runtime.continuous): between two
+decode steps it retires finished rows and admits waiting requests into the free rows, so a request
+waits for a free row, not for a whole batch to end. Every row has its own cache slots, sampler and
+stop state, so a request's output does not depend on what it was batched with. Backends without
+in-flight batching (TensorRT's device cache) run static right-padded batches instead: a worker takes
+up to `max_batch` requests and runs them to the end. Workers share the backend only when it says
+its `infer` is thread-safe; otherwise one worker runs.
 
 Events for a request (text deltas, then its result) are handed to the asyncio loop that submitted it.
 """
@@ -18,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime.continuous import InFlightBatch
 from ..runtime.generator import Generation, Generator
 from ..runtime.sampling import SamplingParams
 from .metrics import Metrics
@@ -63,8 +67,9 @@ class Scheduler:
     """Bounded admission + batched execution over one Generator."""
 
     def __init__(self, generator: Generator, max_concurrency: int = 8, max_batch: int = 8, max_queue: int = 64,
-                 batch_wait_s: float = 0.005, metrics: Metrics | None = None):
+                 batch_wait_s: float = 0.005, metrics: Metrics | None = None, in_flight: bool = True):
         self.generator = generator
+        self.in_flight = in_flight and getattr(generator.backend, "in_flight_batching", False)
         self.max_batch = max(1, min(max_batch, max_concurrency))
         workers = math.ceil(max_concurrency / self.max_batch)
         self.workers = workers if getattr(generator.backend, "thread_safe", False) else 1
@@ -146,12 +151,86 @@ class Scheduler:
             return batch
 
     def _worker(self) -> None:
+        if self.in_flight:
+            self._worker_in_flight()
+            return
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
             if batch:
                 self._run(batch)
+
+    # ---- in-flight batching ----------------------------------------------------------------------
+
+    def _take_new(self, batch: InFlightBatch) -> list[Job] | None:
+        """Waiting jobs for the batch's free rows: [] to keep stepping, None when closed and idle."""
+        with self._cond:
+            while True:
+                self._drop_cancelled()
+                if self._pending and batch.free:
+                    break
+                if len(batch):
+                    return []
+                if self._closing:
+                    return None
+                self._cond.wait()
+            if not len(batch) and len(self._pending) < batch.free and self.batch_wait_s > 0:
+                # An idle worker waits a few ms: requests of a burst then share one prefill.
+                self._cond.wait(self.batch_wait_s)
+                self._drop_cancelled()
+            jobs = [self._pending.popleft() for _ in range(min(batch.free, len(self._pending)))]
+            self._running += len(jobs)
+            self.metrics.queue_depth.set(len(self._pending))
+            return jobs
+
+    def _worker_in_flight(self) -> None:
+        m = self.metrics
+        batch = InFlightBatch(self.generator, self.max_batch)
+        live: dict[int, Job] = {}  # id(job) -> job, for the rows in `batch`
+
+        def on_text(key: int, delta: str) -> None:
+            job = live[key]
+            if job.first_text_at is None:
+                job.first_text_at = time.perf_counter()
+            job._post("text", delta)
+
+        def on_finish(key: int, result: Generation) -> None:
+            job = live.pop(key)
+            self._release(1, time.perf_counter() - job.submitted_at)
+            m.finished.labels(result.finish_reason).inc()
+            m.generation_tokens.inc(len(result.token_ids))
+            job._post("done", result)
+
+        def fail(job: Job, exc: Exception) -> None:
+            self._release(1, None)
+            m.finished.labels("error").inc()
+            job._post("error", exc)
+
+        while True:
+            jobs = self._take_new(batch)
+            if jobs is None:
+                return
+            now = time.perf_counter()
+            m.running.inc(len(jobs))
+            rows = []
+            for job in jobs:
+                job.started_at = now
+                m.queue_wait.observe(now - job.submitted_at)
+                try:
+                    rows.append((id(job), self.generator.new_row(job.prompt_ids, job.params)))
+                    live[id(job)] = job
+                except Exception as exc:  # checked at the HTTP layer already; never let one request stop the worker
+                    fail(job, exc)
+            try:
+                batch.admit(rows)
+                m.batch_size.observe(len(batch))
+                batch.step(on_text, on_finish, lambda key: self._abort or live[key].cancelled.is_set())
+            except Exception as exc:  # a backend failure fails the batch's requests (new ones too), not the server
+                batch.abandon()
+                for job in live.values():
+                    fail(job, exc)
+                live.clear()
 
     def _run(self, batch: list[Job]) -> None:
         now = time.perf_counter()

@@ -72,7 +72,7 @@ def _check_port(host: str, port: int) -> None:
 
 def serve(bundle_dir: str | Path, backend: str = "ort", host: str = "127.0.0.1", port: int = 8000,
           max_concurrency: int = 8, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
-          model_name: str | None = None, shutdown_timeout: float = 30.0,
+          model_name: str | None = None, shutdown_timeout: float = 30.0, batching: str = "in-flight",
           progress: Callable[[str], None] = lambda msg: None) -> None:
     """Serve a bundle under the OpenAI API until SIGINT/SIGTERM; then drain for up to `shutdown_timeout`
     seconds, cancel what is left, and return."""
@@ -85,10 +85,11 @@ def serve(bundle_dir: str | Path, backend: str = "ort", host: str = "127.0.0.1",
     bundle, generator = load_generator(bundle_dir, backend)
     name = model_name or Path(bundle_dir).resolve().name
     settings = ServeSettings(model_name=name, api_key=api_key or None, max_concurrency=max_concurrency,
-                             max_batch=max_batch, max_queue=max_queue)
+                             max_batch=max_batch, max_queue=max_queue, batching=batching)
     app = create_app(bundle, generator, settings, on_ready=lambda: progress(
         f"serving {name!r} ({backend}, max_seq_len {bundle.max_seq_len}) at http://{host}:{port}/v1 "
-        f"- {state.scheduler.workers} worker(s) x batch {state.scheduler.max_batch}, queue {max_queue}"
+        f"- {state.scheduler.workers} worker(s) x batch {state.scheduler.max_batch} "
+        f"({'in-flight' if state.scheduler.in_flight else 'static'}), queue {max_queue}"
         f"{', API key required' if api_key else ''}; Ctrl-C drains and stops"))
     state = app.state.qwen2edge
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,

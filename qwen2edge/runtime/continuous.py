@@ -1,0 +1,130 @@
+"""In-flight (continuous) batching: sequences join and leave a running batch between decode steps.
+
+A static batch runs until its slowest row ends, so a request arriving meanwhile waits for all of it.
+Here the batch owns `slots` cache rows; live rows occupy rows [0, n) and every decode step runs on a
+view of exactly those rows. A newcomer is prefilled straight into the next free rows (its prompt's
+keys/values land in the shared cache, no copy), and its first token is sampled with everyone
+else's next one. When rows finish, the last live rows move into the holes, so the batch stays
+dense. Each row keeps its own sampler and stop state (`generator.Row`), so its output does not
+depend on who else is in the batch. Host caches only (`Backend.in_flight_batching`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+
+from .backend import cache_capacity
+from .generator import Generation, Generator, Row, decode_feed, prefill_feed
+
+OnText = Callable[[Hashable, str], None]  # (key, text delta)
+OnFinish = Callable[[Hashable, Generation], None]  # (key, complete result)
+ShouldStop = Callable[[Hashable], bool]  # (key) -> cancel this row now
+
+
+class InFlightBatch:
+    """Rows that come and go over one cache of `slots` rows. Not thread-safe: one owner thread."""
+
+    def __init__(self, generator: Generator, slots: int):
+        if not generator.backend.in_flight_batching:
+            raise ValueError(f"the {generator.backend.name} backend has no in-flight batching: use Generator.generate")
+        self.gen = generator
+        self.slots = slots
+        self.rows: list[Row] = []
+        self.keys: list[Hashable] = []
+        self.cache: Any = None  # KVCache [slots, ...], allocated on the first admission
+        self._logits = np.zeros((0, 0), dtype=np.float32)  # [n, V]: each live row's next-token logits
+        self._views: dict[tuple[int, int], Any] = {}
+        self._views_version = -1
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def free(self) -> int:
+        """Rows that can be admitted now."""
+        return self.slots - len(self.rows)
+
+    def admit(self, items: Sequence[tuple[Hashable, Row]]) -> None:
+        """Prefill new rows (key, Row from `Generator.new_row`) into the next free cache rows; their first
+        token is sampled by the next `step`."""
+        if not items:
+            return
+        if len(items) > self.free:
+            raise ValueError(f"{len(items)} rows do not fit the {self.free} free slots")
+        prompts = [row.result.prompt_ids for _, row in items]
+        longest = max(len(p) for p in prompts)
+        if self.cache is None:
+            start_cap = cache_capacity(longest + 1, 0, self.gen.max_seq_len)
+            self.cache = self.gen.backend.new_cache(self.slots, capacity=start_cap)
+        cap = self.cache.reserve(longest)
+        start, k = len(self.rows), len(items)
+        logits = self.gen.step(self._view(start, start + k), prefill_feed(prompts, cap, self.gen.pad_id),
+                               np.zeros(k, dtype=np.int64))[:, -1, :]
+        self._logits = logits if start == 0 else np.concatenate([self._logits[:start], logits])
+        self.keys += [key for key, _ in items]
+        self.rows += [row for _, row in items]
+
+    def step(self, on_text: OnText | None = None, on_finish: OnFinish | None = None,
+             should_stop: ShouldStop | None = None) -> None:
+        """Sample every live row's next token, retire the rows that are complete (on_finish), and run one
+        decode step for the others."""
+        n = len(self.rows)
+        if n == 0:
+            return
+        toks = np.full(n, self.gen.pad_id, dtype=np.int64)
+        ended = []
+        for i, (key, row) in enumerate(zip(self.keys, self.rows)):
+            emit = (lambda d, key=key: on_text(key, d)) if on_text else None
+            if should_stop is not None and should_stop(key):
+                row.cancel()
+                complete = True
+            else:
+                toks[i] = row.sample(self._logits[i:i + 1])
+                complete = row.accept(int(toks[i]), emit)
+            if complete:
+                ended.append(i)
+                result = row.finish(emit)
+                if on_finish:
+                    on_finish(key, result)
+        toks = self._compact(ended, toks)
+        if not self.rows:
+            self.cache, self._views, self._logits = None, {}, np.zeros((0, 0), dtype=np.float32)  # idle: free it
+            return
+        lengths = np.array([row.length for row in self.rows], dtype=np.int64)
+        cap = self.cache.fit(int(lengths.max()) + 1)
+        self._logits = self.gen.step(self._view(0, len(self.rows)), decode_feed(toks, lengths, cap), lengths)[:, -1, :]
+        for row in self.rows:
+            row.length += 1
+
+    def abandon(self) -> list[tuple[Hashable, Row]]:
+        """Drop every row (after a backend failure); returns them so the caller can fail their requests."""
+        out = list(zip(self.keys, self.rows))
+        self.rows, self.keys = [], []
+        self.cache, self._views, self._logits = None, {}, np.zeros((0, 0), dtype=np.float32)
+        return out
+
+    def _compact(self, ended: list[int], toks: np.ndarray) -> np.ndarray:
+        """Remove ended rows, moving the last live rows (cache rows included) into their places."""
+        if not ended:
+            return toks
+        n, m = len(self.rows), len(self.rows) - len(ended)
+        gone = set(ended)
+        holes = [i for i in ended if i < m]
+        movers = [j for j in range(m, n) if j not in gone]
+        for h, j in zip(holes, movers):
+            self.cache.move_row(j, h)
+            self.rows[h], self.keys[h], toks[h] = self.rows[j], self.keys[j], toks[j]
+        del self.rows[m:], self.keys[m:]
+        return toks[:m]
+
+    def _view(self, start: int, stop: int) -> Any:
+        # Kept per row range, so the backend's per-cache bindings survive across steps; dropped when
+        # the cache is reallocated (they would keep the old arrays alive).
+        if self._views_version != self.cache.version:
+            self._views, self._views_version = {}, self.cache.version
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self._views[(start, stop)] = self.cache.view(start, stop)
+        return view
