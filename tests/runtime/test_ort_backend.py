@@ -38,3 +38,14 @@ def test_optimized_graph_is_cached_beside_the_bundle(tiny_bundle_factory):
     assert (Generator(first, None, (-1,)).generate(ids, params)[0][0].token_ids
             == Generator(second, None, (-1,)).generate(ids, params)[0][0].token_ids)
     Bundle.open(path)  # the cache is outside the manifest: verification still passes
+
+
+
+def test_sessions_flush_subnormals_to_zero(tiny_bundle_factory):
+    """Subnormal arithmetic is slow on x86 and softmax over a long cache produces it, so every session
+    flushes subnormals to zero in its thread pool (ONNX Runtime applies the flag to pool threads only,
+    so the effect is measured by benchmarks/long_context.py, not here; this checks the wiring)."""
+    bundle = Bundle.open(tiny_bundle_factory("gqa")[1])
+    for backend in (bundle.backend("ort"), bundle.backend("ort", optimized_cache=None)):
+        opts = backend.session.get_session_options()
+        assert opts.get_session_config_entry("session.set_denormal_as_zero") == "1"
