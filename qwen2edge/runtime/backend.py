@@ -66,6 +66,20 @@ class KVCache:
                 self._reallocate(smaller)
         return self.reserve(needed)
 
+    def reserve_rows(self, rows: int, limit: int) -> int:
+        """Make room for `rows` rows (at least doubling, at most `limit`), keeping the filled ones; returns
+        the row count. An in-flight batch starts with the rows it needs, not all it may ever hold."""
+        if rows <= self.batch:
+            return self.batch
+        grown = min(limit, max(rows, 2 * self.batch))
+        for name, old in self.arrays.items():
+            new = np.zeros((grown, *old.shape[1:]), dtype=old.dtype)
+            new[:self.batch] = old
+            self.arrays[name] = new
+        self.batch = grown
+        self.version += 1
+        return grown
+
     def view(self, start: int, stop: int) -> "KVCache":
         """Rows [start, stop) sharing these arrays (contiguous: batch is the outermost axis); a step
         run on the view reads and writes those rows of this cache."""

@@ -1,8 +1,8 @@
 """In-flight (continuous) batching: sequences join and leave a running batch between decode steps.
 
 A static batch runs until its slowest row ends, so a request arriving meanwhile waits for all of it.
-Here the batch owns `slots` cache rows; live rows occupy rows [0, n) and every decode step runs on a
-view of exactly those rows. A newcomer is prefilled straight into the next free rows (its prompt's
+Here the batch holds up to `slots` cache rows (allocated as needed, doubling); live rows occupy rows
+[0, n) and every decode step runs on a view of exactly those rows. A newcomer is prefilled straight into the next free rows (its prompt's
 keys/values land in the shared cache, no copy), and its first token is sampled with everyone
 else's next one. When rows finish, the last live rows move into the holes, so the batch stays
 dense. Each row keeps its own sampler and stop state (`generator.Row`), so its output does not
@@ -33,7 +33,7 @@ class InFlightBatch:
         self.slots = slots
         self.rows: list[Row] = []
         self.keys: list[Hashable] = []
-        self.cache: Any = None  # KVCache [slots, ...], allocated on the first admission
+        self.cache: Any = None  # KVCache of up to `slots` rows, allocated on the first admission
         self._logits = np.zeros((0, 0), dtype=np.float32)  # [n, V]: each live row's next-token logits
         self._views: dict[tuple[int, int], Any] = {}
         self._views_version = -1
@@ -55,11 +55,12 @@ class InFlightBatch:
             raise ValueError(f"{len(items)} rows do not fit the {self.free} free slots")
         prompts = [row.result.prompt_ids for _, row in items]
         longest = max(len(p) for p in prompts)
-        if self.cache is None:
-            start_cap = cache_capacity(longest + 1, 0, self.gen.max_seq_len)
-            self.cache = self.gen.backend.new_cache(self.slots, capacity=start_cap)
-        cap = self.cache.reserve(longest)
         start, k = len(self.rows), len(items)
+        if self.cache is None:  # rows for these newcomers only: zeroing all `slots` rows costs TTFT
+            start_cap = cache_capacity(longest + 1, 0, self.gen.max_seq_len)
+            self.cache = self.gen.backend.new_cache(k, capacity=start_cap)
+        self.cache.reserve_rows(start + k, self.slots)
+        cap = self.cache.reserve(longest)
         logits = self.gen.step(self._view(start, start + k), prefill_feed(prompts, cap, self.gen.pad_id),
                                np.zeros(k, dtype=np.int64))[:, -1, :]
         self._logits = logits if start == 0 else np.concatenate([self._logits[:start], logits])

@@ -61,6 +61,16 @@ def test_growth_keeps_written_slots_and_marks_the_arrays_replaced():
     assert cache.reserve(1000) == 1000  # the last bucket is max_seq_len itself
 
 
+def test_rows_grow_by_doubling_up_to_the_limit_and_keep_their_contents():
+    cache = KVCache(_spec(64), 1, np.float32, capacity=16)
+    cache.arrays["past_value.1"][0] = 7.0
+    assert cache.reserve_rows(1, 16) == 1 and cache.version == 0
+    assert cache.reserve_rows(2, 16) == 2 and cache.reserve_rows(3, 16) == 4 and cache.reserve_rows(9, 16) == 9
+    assert cache.reserve_rows(12, 10) == 10  # never past the batch's slots
+    assert cache.arrays["past_value.1"].shape == (10, 2, 16, 4) and cache.version == 4
+    assert (cache.arrays["past_value.1"][0] == 7.0).all() and not cache.arrays["past_value.1"][1:].any()
+
+
 def test_a_schema_1_spec_keeps_a_full_size_cache():
     cache = KVCache(_spec(64, growable=False), 1, np.float32, capacity=8)
     assert not cache.growable and cache.capacity == 64 and cache.reserve(64) == 64 and cache.version == 0
