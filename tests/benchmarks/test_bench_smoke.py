@@ -45,3 +45,16 @@ def test_long_context_tiny_prints_both_tables():
     short = [r for r in rows if len(r) == 6]
     # full tok/s, grown tok/s, capacity, speedup: the grown cache is the 256-slot bucket, not 1024
     assert len(short) == 2 and all(r[4] == "256" and float(r[2]) > 0 and float(r[3]) > 0 for r in short), short
+
+
+@pytest.mark.slow
+def test_first_load_memory_prints_three_loads(tiny_bundle_factory):
+    _, bundle = tiny_bundle_factory("gqa")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "first_load_memory.py"), str(bundle)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("first load", "later load"))]
+    assert len(rows) == 3, proc.stdout
+    for row in rows:
+        load_s, rss, peak = (float(x) for x in row.split()[-3:])
+        assert load_s > 0 and 0 < rss <= peak, row
