@@ -141,14 +141,18 @@ class Scheduler:
                 self._cond.wait()
             if self._closing and not self._pending:
                 return None
-            if len(self._pending) < self.max_batch and self.batch_wait_s > 0:
-                # Requests of a burst arrive a few ms apart: a short wait lets them share one batch.
-                self._cond.wait(self.batch_wait_s)
-                self._drop_cancelled()
-            batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
-            self._running += len(batch)
-            self.metrics.queue_depth.set(len(self._pending))
-            return batch
+            return self._pop(self.max_batch, idle=True)
+
+    def _pop(self, room: int, idle: bool) -> list[Job]:
+        """Up to `room` waiting jobs, with the lock held. An idle worker first waits a few ms: requests
+        of a burst arrive a few ms apart, and the wait lets them share one batch (one prefill)."""
+        if idle and len(self._pending) < room and self.batch_wait_s > 0:
+            self._cond.wait(self.batch_wait_s)
+            self._drop_cancelled()
+        jobs = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        self._running += len(jobs)
+        self.metrics.queue_depth.set(len(self._pending))
+        return jobs
 
     def _worker(self) -> None:
         if self.in_flight:
@@ -175,14 +179,7 @@ class Scheduler:
                 if self._closing:
                     return None
                 self._cond.wait()
-            if not len(batch) and len(self._pending) < batch.free and self.batch_wait_s > 0:
-                # An idle worker waits a few ms: requests of a burst then share one prefill.
-                self._cond.wait(self.batch_wait_s)
-                self._drop_cancelled()
-            jobs = [self._pending.popleft() for _ in range(min(batch.free, len(self._pending)))]
-            self._running += len(jobs)
-            self.metrics.queue_depth.set(len(self._pending))
-            return jobs
+            return self._pop(batch.free, idle=not len(batch))
 
     def _worker_in_flight(self) -> None:
         m = self.metrics
