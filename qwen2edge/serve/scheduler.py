@@ -182,85 +182,78 @@ class Scheduler:
             return self._pop(batch.free, idle=not len(batch))
 
     def _worker_in_flight(self) -> None:
-        m = self.metrics
         batch = InFlightBatch(self.generator, self.max_batch)
         live: dict[int, Job] = {}  # id(job) -> job, for the rows in `batch`
 
-        def on_text(key: int, delta: str) -> None:
-            job = live[key]
-            if job.first_text_at is None:
-                job.first_text_at = time.perf_counter()
-            job._post("text", delta)
-
         def on_finish(key: int, result: Generation) -> None:
-            job = live.pop(key)
-            self._release(1, time.perf_counter() - job.submitted_at)
-            m.finished.labels(result.finish_reason).inc()
-            m.generation_tokens.inc(len(result.token_ids))
-            job._post("done", result)
-
-        def fail(job: Job, exc: Exception) -> None:
-            self._release(1, None)
-            m.finished.labels("error").inc()
-            job._post("error", exc)
+            self._done(live.pop(key), result)
 
         while True:
             jobs = self._take_new(batch)
             if jobs is None:
                 return
-            now = time.perf_counter()
-            m.running.inc(len(jobs))
+            self._start(jobs)
             rows = []
             for job in jobs:
-                job.started_at = now
-                m.queue_wait.observe(now - job.submitted_at)
                 try:
                     rows.append((id(job), self.generator.new_row(job.prompt_ids, job.params)))
                     live[id(job)] = job
                 except Exception as exc:  # checked at the HTTP layer already; never let one request stop the worker
-                    fail(job, exc)
+                    self._fail(job, exc)
             try:
                 batch.admit(rows)
-                m.batch_size.observe(len(batch))
-                batch.step(on_text, on_finish, lambda key: self._abort or live[key].cancelled.is_set())
+                self.metrics.batch_size.observe(len(batch))
+                batch.step(lambda key, delta: self._text(live[key], delta), on_finish,
+                           lambda key: self._abort or live[key].cancelled.is_set())
             except Exception as exc:  # a backend failure fails the batch's requests (new ones too), not the server
                 batch.abandon()
                 for job in live.values():
-                    fail(job, exc)
+                    self._fail(job, exc)
                 live.clear()
 
     def _run(self, batch: list[Job]) -> None:
-        now = time.perf_counter()
-        m = self.metrics
-        m.batch_size.observe(len(batch))
-        m.running.inc(len(batch))
-        for job in batch:
-            job.started_at = now
-            m.queue_wait.observe(now - job.submitted_at)
+        self.metrics.batch_size.observe(len(batch))
+        self._start(batch)
         open_rows = set(range(len(batch)))
-
-        def on_text(r: int, delta: str) -> None:
-            job = batch[r]
-            if job.first_text_at is None:
-                job.first_text_at = time.perf_counter()
-            job._post("text", delta)
 
         def on_finish(r: int, result: Generation) -> None:
             open_rows.discard(r)
-            self._release(1, time.perf_counter() - batch[r].submitted_at)
-            m.finished.labels(result.finish_reason).inc()
-            m.generation_tokens.inc(len(result.token_ids))  # cancelled rows' tokens were computed too
-            batch[r]._post("done", result)
+            self._done(batch[r], result)
 
         try:
-            self.generator.generate([j.prompt_ids for j in batch], [j.params for j in batch], on_text=on_text,
+            self.generator.generate([j.prompt_ids for j in batch], [j.params for j in batch],
+                                    on_text=lambda r, delta: self._text(batch[r], delta),
                                     should_stop=lambda r: self._abort or batch[r].cancelled.is_set(),
                                     on_finish=on_finish)
         except Exception as exc:  # a backend failure fails this batch's requests, not the server
             for r in sorted(open_rows):
-                self._release(1, None)
-                m.finished.labels("error").inc()
-                batch[r]._post("error", exc)
+                self._fail(batch[r], exc)
+
+    # ---- per-job bookkeeping, shared by both workers ----------------------------------------------
+
+    def _start(self, jobs: list[Job]) -> None:
+        now = time.perf_counter()
+        self.metrics.running.inc(len(jobs))
+        for job in jobs:
+            job.started_at = now
+            self.metrics.queue_wait.observe(now - job.submitted_at)
+
+    @staticmethod
+    def _text(job: Job, delta: str) -> None:
+        if job.first_text_at is None:
+            job.first_text_at = time.perf_counter()
+        job._post("text", delta)
+
+    def _done(self, job: Job, result: Generation) -> None:
+        self._release(1, time.perf_counter() - job.submitted_at)
+        self.metrics.finished.labels(result.finish_reason).inc()
+        self.metrics.generation_tokens.inc(len(result.token_ids))  # cancelled rows' tokens were computed too
+        job._post("done", result)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        self._release(1, None)
+        self.metrics.finished.labels("error").inc()
+        job._post("error", exc)
 
     def _release(self, rows: int, latency: float | None) -> None:
         self.metrics.running.dec(rows)
