@@ -35,7 +35,7 @@ class InFlightBatch:
         self.keys: list[Hashable] = []
         self.cache: Any = None  # KVCache of up to `slots` rows, allocated on the first admission
         self._logits = np.zeros((0, 0), dtype=np.float32)  # [n, V]: each live row's next-token logits
-        self._views: dict[tuple[int, int], Any] = {}
+        self._views: dict[int, Any] = {}  # rows n -> view of rows [0, n)
         self._views_version = -1
 
     def __len__(self) -> int:
@@ -91,7 +91,7 @@ class InFlightBatch:
                     on_finish(key, result)
         toks = self._compact(ended, toks)
         if not self.rows:
-            self.cache, self._views, self._logits = None, {}, np.zeros((0, 0), dtype=np.float32)  # idle: free it
+            self._release()  # idle: free the cache
             return
         lengths = np.array([row.length for row in self.rows], dtype=np.int64)
         cap = self.cache.fit(int(lengths.max()) + 1)
@@ -103,8 +103,11 @@ class InFlightBatch:
         """Drop every row (after a backend failure); returns them so the caller can fail their requests."""
         out = list(zip(self.keys, self.rows))
         self.rows, self.keys = [], []
-        self.cache, self._views, self._logits = None, {}, np.zeros((0, 0), dtype=np.float32)
+        self._release()
         return out
+
+    def _release(self) -> None:
+        self.cache, self._views, self._logits = None, {}, np.zeros((0, 0), dtype=np.float32)
 
     def _compact(self, ended: list[int], toks: np.ndarray) -> np.ndarray:
         """Remove ended rows, moving the last live rows (cache rows included) into their places."""
@@ -121,11 +124,13 @@ class InFlightBatch:
         return toks[:m]
 
     def _view(self, start: int, stop: int) -> Any:
-        # Kept per row range, so the backend's per-cache bindings survive across steps; dropped when
-        # the cache is reallocated (they would keep the old arrays alive).
+        if start:  # a newcomers' prefill: used once
+            return self.cache.view(start, stop)
+        # Decode views [0, n) are kept, so the backend's per-cache bindings survive across steps; they
+        # are dropped when the cache is reallocated (they would keep the old arrays alive).
         if self._views_version != self.cache.version:
             self._views, self._views_version = {}, self.cache.version
-        view = self._views.get((start, stop))
+        view = self._views.get(stop)
         if view is None:
-            view = self._views[(start, stop)] = self.cache.view(start, stop)
+            view = self._views[stop] = self.cache.view(0, stop)
         return view
