@@ -30,7 +30,7 @@ ATTENTION_MASK = "attention_mask"
 LOGITS_INDEX = "logits_index"
 LOGITS = "logits"
 
-# Dual Chunk Attention inputs, computed on the host by runtime/dca_feed.py from graphs/dca.py.
+# Dual Chunk Attention inputs, computed on the host by runtime/dca_feed.py from positions/dca.py.
 # position_ids keep the TRUE positions (causality among the current tokens); these carry the
 # wrapped rotary indices and chunk ids.
 DCA_POS_KEY = "dca_pos_key"  # [B, T] P_k = pos mod s: rotates the new keys AND the intra-chunk queries

@@ -118,7 +118,7 @@ def sample_inputs(spec: io_spec.IOSpec, batch: int = 2, seq: int = 3) -> dict[st
 
 def long_context_record(cfg: ModelConfig, max_seq_len: int, options: ExportOptions, notes: list[str]) -> dict[str, Any]:
     """The effective long-context settings for manifest.json."""
-    from ..graphs.dca import describe
+    from ..positions.dca import describe
 
     if cfg.dual_chunk is not None:
         mode, summary = "dca", describe(cfg.dual_chunk)

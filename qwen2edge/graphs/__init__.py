@@ -1,1 +1,1 @@
-"""Export-friendly Qwen2 graph. `rope` and `dca` are numpy-only (the runtime imports them); `model` needs torch."""
+"""Export-friendly Qwen2 graph in PyTorch (`model`); its numpy position tables live in `qwen2edge.positions`."""

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from .. import io_spec
 from ..config import ModelConfig
-from . import dca
-from .rope import rotary_tables
+from ..positions import dca
+from ..positions.rope import rotary_tables
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MASK_VALUE = -1e9  # large finite negative: a fully masked (padding) row must not turn into NaN

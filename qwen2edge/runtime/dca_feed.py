@@ -7,7 +7,7 @@ import numpy as np
 from .. import io_spec
 from ..config import ModelConfig
 from ..errors import InputError
-from ..graphs import dca
+from ..positions import dca
 
 
 class DcaFeed:

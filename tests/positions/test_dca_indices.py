@@ -5,7 +5,7 @@ import pytest
 
 from qwen2edge import io_spec
 from qwen2edge.config import DualChunkConfig, ModelConfig
-from qwen2edge.graphs import dca
+from qwen2edge.positions import dca
 from qwen2edge.runtime.dca_feed import DcaFeed
 from qwen2edge.runtime.generator import decode_feed, prefill_feed
 

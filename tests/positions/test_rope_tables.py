@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qwen2edge.config import RopeScaling, config_from_hf
-from qwen2edge.graphs.rope import default_inv_freq, rotary_tables, yarn_correction_range, yarn_inv_freq
+from qwen2edge.positions.rope import default_inv_freq, rotary_tables, yarn_correction_range, yarn_inv_freq
 
 # Spec section 1.4: D=64, b=1e6, s=4, L0=32768.
 RATIOS_1_4 = {11: 1.0, 12: .9167, 13: .8333, 14: .75, 15: .6667, 16: .5833, 17: .5, 18: .4167, 19: .3333, 20: .25}
@@ -72,7 +72,7 @@ def test_tables_equal_installed_transformers(case, spelling):
         want_cos, want_sin = emb(torch.zeros(1, dtype=torch.float32), torch.arange(n)[None])
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from qwen2edge.graphs.rope import rotary_inv_freq
+    from qwen2edge.positions.rope import rotary_inv_freq
 
     want_inv, want_af = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
     inv, af = rotary_inv_freq(cfg)
