@@ -37,28 +37,28 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise InputError naming the bad value and the CLI flag that sets it."""
+        """Raise InputError naming the bad value and the option that sets it (spelled by the interface)."""
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InputError(
                 f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}: "
-                "pass --max-new-tokens 1 or more"
+                "set {opt:max_new_tokens} to 1 or more"
             )
         if not _is_real(self.temperature) or not self.temperature >= 0:
             raise InputError(
                 f"temperature must be >= 0, got {self.temperature!r}: "
-                "pass --temperature 0 for greedy or a positive value"
+                "set {opt:temperature} to 0 for greedy or a positive value"
             )
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}: pass --top-k 0 to disable it")
+            raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}: set {{opt:top_k}} to 0 to disable it")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}: pass --top-p between 0 and 1")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}: set {{opt:top_p}} between 0 and 1")
         if not _is_real(self.repetition_penalty) or not self.repetition_penalty > 0:
             raise InputError(
                 f"repetition_penalty must be > 0, got {self.repetition_penalty!r}: "
-                "pass --repetition-penalty 1.0 to disable it"
+                "set {opt:repetition_penalty} to 1.0 to disable it"
             )
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}: pass --seed 0 or more")
+            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}: set {{opt:seed}} to 0 or more")
 
     @property
     def greedy(self) -> bool:

@@ -114,7 +114,7 @@ class BundleTokenizer:
         """Render messages with the bundle's Jinja chat template, as transformers does."""
         if self.chat_template is None:
             raise InputError(
-                "this tokenizer has no chat template: drop --chat or add a chat_template to tokenizer_config.json"
+                "this tokenizer has no chat template: drop {opt:chat} or add a chat_template to tokenizer_config.json"
             )
         if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
             raise InputError("messages must be a list of {'role': ..., 'content': ...} dicts: fix the chat input")

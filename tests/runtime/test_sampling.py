@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 
-from qwen2edge.errors import InferenceError, InputError
+from qwen2edge.errors import InferenceError, InputError, cli_spelling, field_spelling
 from qwen2edge.runtime.sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -48,15 +49,25 @@ def logits_of(*probs: float, dtype: type = np.float32) -> np.ndarray:
 def test_invalid_params_raise_one_line_input_error(kwargs: dict, flag: str) -> None:
     with pytest.raises(InputError) as info:
         SamplingParams(**kwargs)
-    message = str(info.value)
+    message = info.value.render(cli_spelling)
     assert "\n" not in message
     assert flag in message
     assert repr(next(iter(kwargs.values()))) in message
+    # The same error returned to an HTTP client names the request field instead of the flag.
+    field = info.value.render(field_spelling({"max_new_tokens": "max_tokens"}))
+    assert "--" not in field and info.value.options
+
+
+def test_http_spelling_names_the_request_field() -> None:
+    with pytest.raises(InputError) as info:
+        SamplingParams(max_new_tokens=0)
+    assert info.value.render(field_spelling({"max_new_tokens": "max_tokens"})).endswith("set 'max_tokens' to 1 or more")
 
 
 def test_top_p_message_matches_house_style() -> None:
-    with pytest.raises(InputError, match=r"^top_p must be in \(0, 1\], got 1\.5: pass --top-p between 0 and 1$"):
+    with pytest.raises(InputError) as info:
         SamplingParams(top_p=1.5)
+    assert re.match(r"^top_p must be in \(0, 1\], got 1\.5: set --top-p between 0 and 1$", info.value.render(cli_spelling))
 
 
 def test_boundary_values_are_accepted() -> None:

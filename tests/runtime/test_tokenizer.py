@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from qwen2edge.errors import InputError
+from qwen2edge.errors import InputError, cli_spelling
 from qwen2edge.runtime.tokenizer import BundleTokenizer, StopMatcher, StreamDecoder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -94,8 +94,9 @@ def test_missing_template_says_how_to_fix(tmp_path: Path, qwen_tokenizer_dir: Pa
     assert not bare.has_chat_template
     # Without a config the ChatML terminators still stop generation.
     assert bare.eos_token_ids == (IM_END, ENDOFTEXT)
-    with pytest.raises(InputError, match="drop --chat or add a chat_template to tokenizer_config.json"):
+    with pytest.raises(InputError) as info:
         bare.chat_prompt("Hi")
+    assert "drop --chat or add a chat_template to tokenizer_config.json" in info.value.render(cli_spelling)
 
 
 def test_template_environment_matches_transformers(tmp_path: Path, qwen_tokenizer_dir: Path) -> None:
