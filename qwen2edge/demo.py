@@ -18,8 +18,8 @@ def cached_bundle(model_dir: Path, bundle_dir: Path, progress: Callable[[str], N
 
     try:
         bundle = Bundle.open(bundle_dir)
-        if (bundle.manifest.get("source", {}).get("model_dir") == str(model_dir.absolute())
-                and bundle.manifest.get("schema_version") == io_spec.SCHEMA_VERSION):
+        if (bundle.manifest.source.get("model_dir") == str(model_dir.absolute())
+                and bundle.manifest.schema_version == io_spec.SCHEMA_VERSION):
             progress(f"reusing bundle {bundle_dir}")
             return bundle_dir
     except Qwen2EdgeError:

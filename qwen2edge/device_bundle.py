@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from . import __version__
+from .bundle_manifest import BundleManifest
 from .errors import BundleError, InputError
 from .manifest import MANIFEST, atomic_directory, read_manifest
 
@@ -50,7 +51,7 @@ def build_wheel(dest: Path) -> Path:
     for p in sorted(pkg.rglob("*.py")):
         if "__pycache__" not in p.parts:
             files.append((f"qwen2edge/{p.relative_to(pkg).as_posix()}", p.read_bytes()))
-    meta = [f"Metadata-Version: 2.1", "Name: qwen2edge", f"Version: {__version__}",
+    meta = ["Metadata-Version: 2.1", "Name: qwen2edge", f"Version: {__version__}",
             "Summary: qwen2edge edge runtime (packed by `qwen2edge bundle`)", "Requires-Python: >=3.10",
             *[f"Requires-Dist: {r}" for r in RUNTIME_REQUIREMENTS], "Provides-Extra: tensorrt",
             *[f'Requires-Dist: {r}; extra == "tensorrt"' for r in TENSORRT_REQUIREMENTS]]
@@ -81,12 +82,12 @@ def requirements_text() -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_text(manifest: dict[str, Any]) -> str:
-    cfg = manifest.get("model_config", {})
+def readme_text(manifest: BundleManifest) -> str:
+    cfg = manifest.model_config
     return f"""# qwen2edge device bundle
 
-Model: {cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')}, exported as
-{manifest.get('dtype')} with max_seq_len {manifest.get('max_seq_len')} (opset {manifest.get('opset')}).
+Model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, exported as
+{manifest.dtype} with max_seq_len {manifest.max_seq_len} (opset {manifest.opset}).
 
 On the device (Jetson: JetPack 6.1+ or 7.x, see docs/jetson.md in the qwen2edge repository):
 
@@ -116,9 +117,9 @@ def pack_bundle(bundle_dir: str | Path, out_file: str | Path, progress: Progress
     if not str(out_file).endswith((".tar.gz", ".tgz")):
         raise InputError(f"{out_file} should end in .tar.gz: pass e.g. -o model.tar.gz")
     progress(f"[1/3] verifying {bundle_dir} against its manifest")
-    manifest = read_manifest(bundle_dir)
+    manifest = BundleManifest.read(bundle_dir)
     members: dict[str, Path | bytes] = {MANIFEST: bundle_dir / MANIFEST}
-    for rel in manifest.get("files", {}):
+    for rel in manifest.files:
         members[rel] = bundle_dir / rel
     with tempfile.TemporaryDirectory() as td:
         members[f"wheels/{wheel_name()}"] = build_wheel(Path(td)).read_bytes()

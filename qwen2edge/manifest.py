@@ -1,4 +1,6 @@
-"""manifest.json beside every artifact, checksums, and atomic artifact directories (torch-free)."""
+"""manifest.json files on disk: checksums, atomic JSON writes and atomic artifact directories (torch-free).
+
+The bundle manifest's typed form is `bundle_manifest.BundleManifest`; this module only moves bytes."""
 
 from __future__ import annotations
 
@@ -24,19 +26,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def model_digest(manifest: dict[str, Any]) -> str:
-    """One sha256 naming the model's graph *and* its weights: the model file's own when the weights are
-    inline, else a digest over the model file's and its external-data file's checksums (an external-data
-    model.onnx only holds offsets, so two exports with different weights can share its checksum)."""
-    files = manifest.get("files", {})
-    model_file = manifest.get("model_file", "model.onnx")
-    own = files.get(model_file, {}).get("sha256", "")
-    data = files.get(model_file + ".data", {}).get("sha256")
-    if data is None:
-        return own
-    return hashlib.sha256(f"{own}\n{data}\n".encode()).hexdigest()
 
 
 def file_table(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:

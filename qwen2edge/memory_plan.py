@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
 from .errors import InputError
-from .io_spec import IOSpec
-from .manifest import read_manifest
+from .bundle_manifest import BundleManifest
 from .trt.profiles import resolve_limits
 
 GIB = 1024**3
@@ -55,14 +53,13 @@ class MemoryPlan:
 def plan_memory(bundle_dir: str | Path, max_batch: int = 1, max_input_len: int | None = None,
                 max_logits: int | None = None, workspace_mib: int | None = None) -> MemoryPlan:
     """Estimate device memory for running (and building) this bundle at these engine limits."""
-    manifest = read_manifest(bundle_dir, verify=False)
-    spec = IOSpec.from_dict(manifest["io_spec"])
-    cfg = ModelConfig.from_dict(manifest["model_config"])
+    manifest = BundleManifest.read(bundle_dir, verify=False)
+    spec, cfg = manifest.io_spec, manifest.model_config
     lim = resolve_limits(spec, max_batch, max_input_len, max_logits)
     kv_item = _ITEM.get(spec.kv_dtype)
     if kv_item is None:
         raise InputError(f"unknown cache dtype {spec.kv_dtype!r} in {bundle_dir}: re-export the bundle")
-    weights = float(sum(m["bytes"] for rel, m in manifest.get("files", {}).items() if rel.startswith("model.onnx")))
+    weights = float(manifest.model_bytes)
     b, n, k, L = lim.max_batch, lim.max_input_len, lim.max_logits, spec.max_seq_len
     heads, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kv = 2.0 * cfg.num_hidden_layers * b * kvh * L * d * kv_item

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..errors import InputError
+from ..errors import InputError, InternalError
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -78,7 +78,8 @@ def graph_name(hf_name: str) -> str:
     """HF name -> Qwen2Graph parameter name (the mapping is explicit, not a prefix strip by accident)."""
     if hf_name == "lm_head.weight":
         return hf_name
-    assert hf_name.startswith("model."), hf_name
+    if not hf_name.startswith("model."):  # check_state_dict only passes names it expects
+        raise InternalError(f"unexpected checkpoint tensor name {hf_name!r}: report this as a qwen2edge bug")
     return hf_name[len("model."):]
 
 

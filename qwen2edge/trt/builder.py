@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..errors import BuildError, InputError
-from ..io_spec import IOSpec
-from ..manifest import atomic_directory, model_digest, read_manifest, write_manifest
+from ..bundle_manifest import BundleManifest
+from ..manifest import atomic_directory, write_manifest
 from .engine_manifest import ENGINE_DIR, PLAN_FILE, BuildPlan, engine_manifest, plan_build
 from .profiles import Profile, compute_profiles, resolve_limits
 
@@ -63,16 +63,16 @@ def build_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(
     check_options(options)
     t0 = time.perf_counter()
     progress(f"[1/4] checking {bundle_dir} (checksums) and this device")
-    manifest = read_manifest(bundle_dir)
-    spec = IOSpec.from_dict(manifest["io_spec"])
+    manifest = BundleManifest.read(bundle_dir)
+    spec = manifest.io_spec
     limits = resolve_limits(spec, options.max_batch, options.max_input_len, options.max_logits)
     profiles = compute_profiles(spec, limits)
-    onnx_path = bundle_dir / manifest["model_file"]
+    onnx_path = bundle_dir / manifest.model_file
     trt = import_tensorrt()
     from .device import gpu_info
 
     gpu = gpu_info()
-    plan = plan_build(trt.__version__, manifest["dtype"], options.precision, gpu)
+    plan = plan_build(trt.__version__, manifest.dtype, options.precision, gpu)
     progress(f"      TensorRT {trt.__version__} on {gpu.name} (sm {gpu.compute_capability}); {plan.description}")
     for note in plan.notes:
         progress(f"      note: {note}")
@@ -83,8 +83,8 @@ def build_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(
         if options.timing_cache and cache_bytes is not None:
             _write_atomic(Path(options.timing_cache), cache_bytes)
         body = engine_manifest(
-            trt_version=trt.__version__, gpu=gpu, plan=plan, profiles=profiles, onnx_file=manifest["model_file"],
-            onnx_sha256=model_digest(manifest), bundle_dtype=manifest["dtype"],
+            trt_version=trt.__version__, gpu=gpu, plan=plan, profiles=profiles, onnx_file=manifest.model_file,
+            onnx_sha256=manifest.model_digest, bundle_dtype=manifest.dtype,
             limits={"max_batch": limits.max_batch, "max_input_len": limits.max_input_len,
                     "max_logits": limits.max_logits},
             workspace_mib=options.workspace_mib, opt_level=options.opt_level, timing_cache=options.timing_cache,

@@ -240,9 +240,9 @@ def check_bundle(path: str | Path, target: str = DEFAULT_TARGET) -> CompatReport
     """`qwen2edge check OUT_DIR|MODEL.onnx --target ...`."""
     path = Path(path)
     if path.is_dir():
-        from ..manifest import read_manifest
+        from ..bundle_manifest import BundleManifest
 
-        path = path / read_manifest(path, verify=False).get("model_file", "model.onnx")
+        path = path / BundleManifest.read(path, verify=False).model_file
     return lint_path(path, target)
 
 
