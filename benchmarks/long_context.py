@@ -42,13 +42,15 @@ TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermedi
             tie=True, max_position_embeddings=32768, extra_config={"rope_theta": 1e6})
 
 
-def mode_options(mode: str) -> dict:
+def mode_overrides(mode: str):
     """Export overrides per mode (YaRN: 4x over 8k; DCA: C=8192, w=1024 -> period 7168, temperature L0=8192)."""
+    from qwen2edge.config import LongContextOverrides
+
     if mode == "yarn":
-        return dict(rope_scaling="yarn", rope_factor=4.0, original_max_position_embeddings=8192)
+        return LongContextOverrides(rope_scaling="yarn", rope_factor=4.0, original_max_position_embeddings=8192)
     if mode == "dca":
-        return dict(dca_chunk_size=8192, dca_local_size=1024, dca_original_max_position_embeddings=8192)
-    return {}
+        return LongContextOverrides(dca_chunk_size=8192, dca_local_size=1024, dca_original_max_position_embeddings=8192)
+    return LongContextOverrides()
 
 
 def log(msg: str) -> None:
@@ -60,18 +62,13 @@ def measure(bundle_dir: str, steps: int, warmup: int, short: int = 0) -> dict:
     position `short` with a full-size and a grown cache when short > 0)."""
     import numpy as np
 
-    from qwen2edge.runtime.api import dca_feed_for
-    from qwen2edge.runtime.backend import cache_capacity
     from qwen2edge.runtime.bundle import Bundle
     from qwen2edge.runtime.generator import decode_feed, prefill_feed
+    from qwen2edge.runtime.kv_cache import cache_capacity
 
     bundle = Bundle.open(bundle_dir, verify=False)
-    backend, extra, max_len = bundle.backend("ort"), dca_feed_for(bundle), bundle.max_seq_len
-
-    def step(cache, feed, pos):
-        if extra is not None:
-            feed = {**feed, **extra(feed, pos)}
-        return backend.step(cache, feed, pos)
+    gen = bundle.generator("ort")  # its step adds the DCA inputs of DCA bundles
+    backend, step, max_len = gen.backend, gen.step, bundle.max_seq_len
 
     def timed(cache, start: int) -> float:
         """Median seconds of a decode step at positions start, start+1, ... over `cache`."""
@@ -132,7 +129,7 @@ def main() -> None:
             log(f"({n}/{total}) exporting {mode} at max_seq_len {length}")
             t0 = time.perf_counter()
             shutil.rmtree(bundle, ignore_errors=True)
-            export_bundle(model_dir, bundle, ExportOptions(max_seq_len=length, **mode_options(mode)))
+            export_bundle(model_dir, bundle, ExportOptions(max_seq_len=length, long_context=mode_overrides(mode)))
             log(f"({n}/{total}) exported in {time.perf_counter() - t0:.0f}s; timing {args.steps} decode steps")
             out = subprocess.run([sys.executable, __file__, "--child", str(bundle), "--steps", str(args.steps),
                                   "--warmup", str(args.warmup), "--short-context", str(args.short_context)],

@@ -225,43 +225,60 @@ def load_hf_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     return config_from_hf(raw), raw
 
 
-def with_long_context_overrides(cfg: ModelConfig, rope_scaling: str | None = None, rope_factor: float | None = None,
-                                original_max_position_embeddings: int | None = None,
-                                dca_chunk_size: int | None = None, dca_local_size: int | None = None,
-                                dca_original_max_position_embeddings: int | None = None) -> ModelConfig:
-    """Apply `qwen2edge export` overrides (the way Qwen model cards tell users to edit config.json).
+@dataclass(frozen=True)
+class LongContextOverrides:
+    """`qwen2edge export` flags that change config.json's long-context settings, the way Qwen model cards
+    tell users to edit config.json (None: keep the checkpoint's setting).
 
-    --rope-scaling yarn|none replaces the checkpoint's rope scaling; --rope-factor and
-    --original-max-position-embeddings change one key of the (existing or new) YaRN dict.
-    --dca-chunk-size/--dca-local-size create or change the Dual Chunk Attention settings.
-    """
-    if rope_scaling is not None and rope_scaling not in ("none", *ROPE_TYPES):
-        raise InputError(f"unknown --rope-scaling {rope_scaling!r}: pass yarn, or none to disable scaling")
-    scaling = cfg.rope_scaling
-    if rope_scaling in ("none", "default"):
-        if rope_factor is not None or original_max_position_embeddings is not None:
-            raise InputError("--rope-factor/--original-max-position-embeddings need YaRN: add --rope-scaling yarn")
-        scaling = None
-    elif rope_scaling == "yarn" or rope_factor is not None or original_max_position_embeddings is not None:
+    rope_scaling yarn|none replaces the checkpoint's rope scaling; rope_factor and
+    original_max_position_embeddings change one key of the (existing or new) YaRN dict; the dca_* sizes
+    create or change the Dual Chunk Attention settings."""
+
+    rope_scaling: str | None = None  # "yarn" | "none"
+    rope_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    dca_chunk_size: int | None = None
+    dca_local_size: int | None = None
+    dca_original_max_position_embeddings: int | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The overrides that were set (recorded in the manifest)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def apply(self, cfg: ModelConfig) -> ModelConfig:
+        """`cfg` with these overrides applied (one-line InputError naming the flag on a bad combination)."""
+        return cfg.replace(rope_scaling=self._rope_scaling(cfg.rope_scaling), dual_chunk=self._dual_chunk(cfg.dual_chunk))
+
+    def _rope_scaling(self, scaling: RopeScaling | None) -> RopeScaling | None:
+        kind, factor, l0 = self.rope_scaling, self.rope_factor, self.original_max_position_embeddings
+        if kind is not None and kind not in ("none", *ROPE_TYPES):
+            raise InputError(f"unknown {{opt:rope_scaling}} {kind!r}: pass yarn, or none to disable scaling")
+        if kind in ("none", "default"):
+            if factor is not None or l0 is not None:
+                raise InputError("{opt:rope_factor}/{opt:original_max_position_embeddings} need YaRN: add "
+                                 "{opt:rope_scaling} yarn")
+            return None
+        if kind != "yarn" and factor is None and l0 is None:
+            return scaling
         raw: dict[str, Any] = dataclasses.asdict(scaling) if scaling is not None else {"rope_type": "yarn"}
-        if rope_factor is not None:
-            raw["factor"] = rope_factor
+        if factor is not None:
+            raw["factor"] = factor
         elif scaling is None:
             raw["factor"] = None  # parse_rope_scaling reports the missing factor with its fix
-        if original_max_position_embeddings is not None:
-            raw["original_max_position_embeddings"] = original_max_position_embeddings
-        scaling = parse_rope_scaling(raw)
-    dual = cfg.dual_chunk
-    if dca_chunk_size is not None or dca_local_size is not None or dca_original_max_position_embeddings is not None:
-        raw_dc: dict[str, Any] = dataclasses.asdict(dual) if dual is not None else {}
-        for key, value in (("chunk_size", dca_chunk_size), ("local_size", dca_local_size),
-                           ("original_max_position_embeddings", dca_original_max_position_embeddings)):
-            if value is not None:
-                raw_dc[key] = value
-        if "chunk_size" not in raw_dc or "local_size" not in raw_dc:
-            raise InputError("Dual Chunk Attention needs both sizes: pass --dca-chunk-size and --dca-local-size")
-        dual = parse_dual_chunk(raw_dc)
-    return cfg.replace(rope_scaling=scaling, dual_chunk=dual)
+        if l0 is not None:
+            raw["original_max_position_embeddings"] = l0
+        return parse_rope_scaling(raw)
+
+    def _dual_chunk(self, dual: DualChunkConfig | None) -> DualChunkConfig | None:
+        sizes = (("chunk_size", self.dca_chunk_size), ("local_size", self.dca_local_size),
+                 ("original_max_position_embeddings", self.dca_original_max_position_embeddings))
+        if all(value is None for _, value in sizes):
+            return dual
+        raw: dict[str, Any] = dataclasses.asdict(dual) if dual is not None else {}
+        raw.update({key: value for key, value in sizes if value is not None})
+        if "chunk_size" not in raw or "local_size" not in raw:
+            raise InputError("Dual Chunk Attention needs both sizes: pass {opt:dca_chunk_size} and {opt:dca_local_size}")
+        return parse_dual_chunk(raw)
 
 
 def resolve_long_context(cfg: ModelConfig) -> tuple[ModelConfig, list[str]]:
@@ -277,7 +294,7 @@ def resolve_long_context(cfg: ModelConfig) -> tuple[ModelConfig, list[str]]:
             raise InputError(
                 f"DCA chunk_size {dc.chunk_size} exceeds the model's max_position_embeddings "
                 f"{cfg.max_position_embeddings} (DCA query positions reach chunk_size, beyond what the model was "
-                f"trained on): pass --dca-chunk-size {cfg.max_position_embeddings} or less")
+                f"trained on): pass {{opt:dca_chunk_size}} {cfg.max_position_embeddings} or less")
         if cfg.rope_scaling is not None:
             notes.append(f"both YaRN (factor {cfg.rope_scaling.factor:g}) and Dual Chunk Attention are configured: "
                          "DCA wins and YaRN is ignored (DCA runs on plain RoPE, as in vLLM / Qwen2.5-1M)")

@@ -13,9 +13,10 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import __version__, io_spec
-from ..config import ModelConfig, load_hf_config, resolve_long_context, with_long_context_overrides
+from ..config import LongContextOverrides, ModelConfig, load_hf_config, resolve_long_context
 from ..errors import ExportError, InputError
-from ..manifest import atomic_directory, write_manifest
+from ..bundle_manifest import BundleManifest, LongContextRecord, QuantizationRecord
+from ..manifest import atomic_directory
 from .quantize import QUANT_OPSET, TRACE_OPSET, QuantizeOptions, quantize_model
 
 DEFAULT_OPSET = 17  # parsed by TensorRT 10.3 (JetPack 6) and every later release
@@ -34,22 +35,26 @@ class ExportOptions:
     dtype: str = "fp32"
     opset: int = DEFAULT_OPSET
     trt_check: str | None = "trt-10.3"  # TensorRT compatibility lint target; None skips it
-    # Long-context overrides of config.json (None: keep the checkpoint's setting).
-    rope_scaling: str | None = None  # "yarn" | "none"
-    rope_factor: float | None = None
-    original_max_position_embeddings: int | None = None
-    dca_chunk_size: int | None = None
-    dca_local_size: int | None = None
-    dca_original_max_position_embeddings: int | None = None
+    long_context: LongContextOverrides = LongContextOverrides()  # changes to config.json's rope/DCA settings
     # Debug exports add hidden_state.{i} outputs (per-layer drift in `qwen2edge compare`); slower, not for shipping.
     debug_hidden_states: bool = False
     quantize: QuantizeOptions | None = None  # weight-only int8/int4 (exporter/quantize.py)
 
-    def overrides(self) -> dict[str, Any]:
-        """The long-context overrides that were given (recorded in the manifest)."""
-        keys = ("rope_scaling", "rope_factor", "original_max_position_embeddings", "dca_chunk_size",
-                "dca_local_size", "dca_original_max_position_embeddings")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+    def check(self) -> None:
+        """Refuse bad options before minutes of loading and tracing."""
+        if self.dtype not in io_spec.ONNX_ELEM:
+            raise InputError(f"unknown dtype {self.dtype!r}: pass {{opt:dtype}} fp32, fp16 or bf16")
+        if not 7 <= self.opset <= 23:
+            raise InputError(f"{{opt:opset}} {self.opset} is outside 7..23: use the default ({DEFAULT_OPSET})")
+        if self.trt_check:
+            from ..trt.compat import get_target
+
+            get_target(self.trt_check)
+        if self.quantize is not None:
+            self.quantize.check()
+            if self.dtype != "fp32":
+                raise InputError(f"{{opt:quantize}} needs {{opt:dtype}} fp32 activations (got {self.dtype}): drop "
+                                 "{opt:dtype}")
 
 
 Progress = Callable[[str], None]
@@ -96,19 +101,12 @@ def sample_inputs(spec: io_spec.IOSpec, batch: int = 2, seq: int = 3) -> dict[st
     """Feeds of the right names/dtypes/shapes (batch and seq > 1 so the trace specializes neither)."""
     import torch
 
-    from ..graphs.model import TORCH_DTYPES
-
+    dims = {io_spec.BATCH: batch, io_spec.SEQ: seq, io_spec.N_LOGITS: 1, io_spec.PAST_LEN: spec.max_seq_len}
     feeds: dict[str, Any] = {}
     for t in spec.inputs:
-        shape = [batch if d == io_spec.BATCH else seq if d == io_spec.SEQ else
-                 spec.max_seq_len + seq if d == io_spec.TOTAL_SEQ else 1 if d == io_spec.N_LOGITS else
-                 spec.max_seq_len if d == io_spec.PAST_LEN else d
-                 for d in t.shape]
-        if t.dtype == "int64":
-            feeds[t.name] = torch.ones(shape, dtype=torch.int64)
-        else:
-            dt = TORCH_DTYPES[{"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[t.dtype]]
-            feeds[t.name] = torch.zeros(shape, dtype=dt)
+        shape = t.concrete_shape(dims)
+        dtype = getattr(torch, t.dtype)  # element type names are torch's dtype names too
+        feeds[t.name] = torch.ones(shape, dtype=dtype) if t.dtype == "int64" else torch.zeros(shape, dtype=dtype)
     feeds[io_spec.POSITION_IDS] = torch.arange(seq).repeat(batch, 1)
     feeds[io_spec.LOGITS_INDEX] = torch.full((batch, 1), seq - 1, dtype=torch.int64)
     if spec.dca:
@@ -116,7 +114,8 @@ def sample_inputs(spec: io_spec.IOSpec, batch: int = 2, seq: int = 3) -> dict[st
     return feeds
 
 
-def long_context_record(cfg: ModelConfig, max_seq_len: int, options: ExportOptions, notes: list[str]) -> dict[str, Any]:
+def long_context_record(cfg: ModelConfig, max_seq_len: int, options: ExportOptions,
+                        notes: list[str]) -> LongContextRecord:
     """The effective long-context settings for manifest.json."""
     from ..positions.dca import describe
 
@@ -131,9 +130,9 @@ def long_context_record(cfg: ModelConfig, max_seq_len: int, options: ExportOptio
         mode, summary = "yarn", f"YaRN factor {rs.factor:g} over L0={l0} (truncate={rs.truncate})"
     else:
         mode, summary = "plain", "plain RoPE"
-    return {"mode": mode, "summary": summary, "overrides": options.overrides(), "notes": notes,
-            "rope_scaling": cfg.rope_scaling and cfg.to_dict()["rope_scaling"],
-            "dual_chunk": cfg.dual_chunk and cfg.to_dict()["dual_chunk"]}
+    as_dict = cfg.to_dict()
+    return LongContextRecord(mode=mode, summary=summary, overrides=options.long_context.given(), notes=tuple(notes),
+                             rope_scaling=as_dict["rope_scaling"], dual_chunk=as_dict["dual_chunk"])
 
 
 def build_graph(model_dir: Path, cfg: ModelConfig, max_seq_len: int, dtype: str, hidden_states: bool = False):
@@ -161,17 +160,17 @@ def trace_to_onnx(graph, spec: io_spec.IOSpec, path: Path, opset: int) -> None:
         )
 
 
-def finalize_model(path: Path, transform: Callable[[Any], None] | None = None) -> None:
+def finalize_model(path: Path, transform: Callable[[Any], Any] | None = None) -> Any:
     """Check the traced graph, refuse custom domains, apply `transform` (e.g. quantization) to it,
-    run the ONNX checker, and store weights externally when the protobuf would exceed 2 GiB."""
+    run the ONNX checker, and store weights externally when the protobuf would exceed 2 GiB.
+    Returns what `transform` returned."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=True)
     bad = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if bad:
         raise ExportError(f"the exported graph uses non-standard op domains {bad}: report this as a qwen2edge bug")
-    if transform is not None:
-        transform(model)
+    result = transform(model) if transform is not None else None
     for f in path.parent.iterdir():
         if f != path:
             f.unlink()  # loose tensor files from the tracer; re-saved below
@@ -186,6 +185,7 @@ def finalize_model(path: Path, transform: Callable[[Any], None] | None = None) -
     except Exception as exc:  # onnx raises several unrelated types here
         raise ExportError(f"the ONNX checker rejected the exported graph ({str(exc).splitlines()[0]}): "
                           "report this as a qwen2edge bug") from exc
+    return result
 
 
 def report_trt_compat(path: Path, target: str | None, progress: Progress) -> None:
@@ -226,83 +226,81 @@ def copy_tokenizer(model_dir: Path, dest: Path) -> list[str]:
     return copied
 
 
-def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions(),
-                  progress: Progress = _quiet, cfg_override: ModelConfig | None = None) -> dict[str, Any]:
-    """Export MODEL_DIR to an ONNX bundle in OUT_DIR; returns the manifest."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if options.dtype not in io_spec.ONNX_ELEM:
-        raise InputError(f"unknown dtype {options.dtype!r}: pass --dtype fp32, fp16 or bf16")
-    if not 7 <= options.opset <= 23:
-        raise InputError(f"--opset {options.opset} is outside 7..23: use the default ({DEFAULT_OPSET})")
-    if options.trt_check:
-        from ..trt.compat import get_target
+@dataclass(frozen=True)
+class ExportPlan:
+    """What an export will produce, resolved from config.json and the options before any slow work."""
 
-        get_target(options.trt_check)  # an unknown target fails before minutes of tracing
-    if options.quantize is not None:
-        options.quantize.check()
-        if options.dtype != "fp32":
-            raise InputError(f"--quantize needs --dtype fp32 activations (got {options.dtype}): drop --dtype")
-    cfg, _ = load_hf_config(model_dir)
-    cfg = with_long_context_overrides(
-        cfg_override or cfg, options.rope_scaling, options.rope_factor, options.original_max_position_embeddings,
-        options.dca_chunk_size, options.dca_local_size, options.dca_original_max_position_embeddings)
-    cfg, notes = resolve_long_context(cfg)
+    cfg: ModelConfig  # long-context overrides applied and resolved
+    max_seq_len: int
+    spec: io_spec.IOSpec
+    long_context: LongContextRecord
+
+
+def plan_export(model_dir: Path, options: ExportOptions, cfg_override: ModelConfig | None = None) -> ExportPlan:
+    """Read config.json (or take `cfg_override`), apply and resolve the long-context overrides, size the cache."""
+    cfg = cfg_override or load_hf_config(model_dir)[0]
+    cfg, notes = resolve_long_context(options.long_context.apply(cfg))
     max_seq_len = resolve_max_seq_len(cfg, options.max_seq_len)
-    long_context = long_context_record(cfg, max_seq_len, options, notes)
-    for note in notes:
-        progress(f"note: {note}")
     spec = io_spec_for(cfg, max_seq_len, options.dtype, options.debug_hidden_states)
+    return ExportPlan(cfg, max_seq_len, spec, long_context_record(cfg, max_seq_len, options, notes))
+
+
+def graph_transform(cfg: ModelConfig, options: ExportOptions,
+                    progress: Progress) -> Callable[[Any], dict[str, Any] | None] | None:
+    """What to do to the traced graph before it is saved: quantize its weights, or store a tied
+    embedding once; the callable returns the quantization record, if any."""
+    q = options.quantize
+    if q is not None:
+        def quantize(model: Any) -> dict[str, Any]:
+            progress(f"  quantizing weights to {q.scheme} (block {q.block_size}, "
+                     f"embeddings {'included' if q.embeddings else 'kept float'})")
+            return quantize_model(model, q, cfg.vocab_size, progress)
+
+        return quantize
+    if cfg.tie_word_embeddings:
+        from .tied import share_tied_embedding
+
+        def share(model: Any) -> None:
+            share_tied_embedding(model, progress)
+
+        return share
+    return None
+
+
+def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions(),
+                  progress: Progress = _quiet, cfg_override: ModelConfig | None = None) -> BundleManifest:
+    """Export MODEL_DIR to an ONNX bundle in OUT_DIR (atomically); returns its manifest."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    options.check()
+    plan = plan_export(model_dir, options, cfg_override)
+    for note in plan.long_context.notes:
+        progress(f"note: {note}")
     t0 = time.perf_counter()
-    progress(f"[1/4] loading {model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}; "
-             f"{long_context['summary']})")
-    graph = build_graph(model_dir, cfg, max_seq_len, options.dtype, options.debug_hidden_states)
+    progress(f"[1/4] loading {model_dir} ({plan.cfg.num_hidden_layers} layers, hidden {plan.cfg.hidden_size}; "
+             f"{plan.long_context.summary})")
+    graph = build_graph(model_dir, plan.cfg, plan.max_seq_len, options.dtype, options.debug_hidden_states)
+    # Blockwise DequantizeLinear needs opset 21; the tracer stops at 20, and 20 -> 21 only widened types.
+    trace_opset, opset = (TRACE_OPSET, QUANT_OPSET) if options.quantize else (options.opset, options.opset)
     with atomic_directory(out_dir) as tmp:
         copied = copy_tokenizer(model_dir, tmp)
-        onnx_dir = tmp / ".onnx-work"
-        onnx_dir.mkdir()
-        # Blockwise DequantizeLinear needs opset 21; the tracer stops at 20, and 20 -> 21 only widened types.
-        trace_opset = TRACE_OPSET if options.quantize else options.opset
-        opset = QUANT_OPSET if options.quantize else options.opset
-        progress(f"[2/4] tracing to ONNX (opset {trace_opset}, {options.dtype}, max_seq_len {max_seq_len})")
-        trace_to_onnx(graph, spec, onnx_dir / MODEL_FILE, trace_opset)
-        del graph
-        quant_record: dict[str, Any] = {}
-        transform: Callable[[Any], Any] | None = None
-        if options.quantize is None and cfg.tie_word_embeddings:
-            from .tied import share_tied_embedding
-
-            def transform(model: Any) -> None:
-                share_tied_embedding(model, progress)
-        if options.quantize is not None:
-            q = options.quantize
-
-            def transform(model: Any) -> None:
-                progress(f"  quantizing weights to {q.scheme} (block {q.block_size}, "
-                         f"embeddings {'included' if q.embeddings else 'kept float'})")
-                quant_record.update(quantize_model(model, q, cfg.vocab_size, progress))
+        work = tmp / ".onnx-work"
+        work.mkdir()
+        progress(f"[2/4] tracing to ONNX (opset {trace_opset}, {options.dtype}, max_seq_len {plan.max_seq_len})")
+        trace_to_onnx(graph, plan.spec, work / MODEL_FILE, trace_opset)
+        del graph  # the traced weights are in the ONNX file now
         progress("[3/4] checking the graph (ONNX checker, shape inference, op domains)")
-        finalize_model(onnx_dir / MODEL_FILE, transform)
-        report_trt_compat(onnx_dir / MODEL_FILE, options.trt_check, progress)
-        for f in onnx_dir.iterdir():
+        quant = finalize_model(work / MODEL_FILE, graph_transform(plan.cfg, options, progress))
+        report_trt_compat(work / MODEL_FILE, options.trt_check, progress)
+        for f in work.iterdir():
             os.replace(f, tmp / f.name)
-        onnx_dir.rmdir()
+        work.rmdir()
         progress("[4/4] writing manifest.json with checksums")
-        manifest = write_manifest(tmp, {
-            "schema_version": io_spec.SCHEMA_VERSION,
-            "kind": "onnx-bundle",
-            "model_file": MODEL_FILE,
-            "dtype": options.dtype,
-            "debug_hidden_states": options.debug_hidden_states,
-            "opset": opset,
-            "quantization": quant_record or None,
-            "max_seq_len": max_seq_len,
-            "model_config": cfg.to_dict(),
-            "long_context": long_context,
-            "io_spec": spec.to_dict(),
-            "tokenizer_files": copied,
-            "source": {"model_dir": str(model_dir.absolute())},
-            "library_versions": library_versions(),
-            "export_seconds": round(time.perf_counter() - t0, 2),
-        })
+        manifest = BundleManifest(
+            model_file=MODEL_FILE, dtype=options.dtype, opset=opset, max_seq_len=plan.max_seq_len,
+            model_config=plan.cfg, io_spec=plan.spec, long_context=plan.long_context,
+            quantization=QuantizationRecord.from_dict(quant), debug_hidden_states=options.debug_hidden_states,
+            tokenizer_files=tuple(copied), source={"model_dir": str(model_dir.absolute())},
+            library_versions=library_versions(), export_seconds=round(time.perf_counter() - t0, 2),
+        ).write(tmp)
     progress(f"done in {time.perf_counter() - t0:.1f}s -> {out_dir}")
     return manifest
