@@ -31,13 +31,14 @@ def main() -> None:
 
     from qwen2edge.demo import cached_bundle
     from qwen2edge.exporter.gguf_convert import default_model_dir, ensure_default_model
-    from qwen2edge.runtime.api import load_generator
+    from qwen2edge.runtime.bundle import Bundle
     from qwen2edge.runtime.sampling import SamplingParams
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     model_dir = ensure_default_model(progress=log)
     bundle_dir = args.bundle or cached_bundle(model_dir, default_model_dir().parent / "smollm2-135m-instruct-onnx-fp32", log)
-    bundle, gen = load_generator(bundle_dir)
+    bundle = Bundle.open(bundle_dir)
+    gen = bundle.generator()
     ids = bundle.tokenizer.encode(bundle.tokenizer.chat_prompt("Tell me a long story about a lighthouse keeper."))
     params = SamplingParams(max_new_tokens=args.new_tokens, stop_token_ids=(-1,))  # never stop early
     torch.set_num_threads(os.cpu_count() or 1)

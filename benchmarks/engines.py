@@ -26,12 +26,10 @@ def prompt_ids(n: int, vocab: int = 151643) -> list[int]:
 def run_qwen2edge(path: str, ids: list[int], new: int, threads: int) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
     from qwen2edge.runtime.bundle import Bundle
-    from qwen2edge.runtime.generator import Generator
     from qwen2edge.runtime.sampling import SamplingParams
 
     t = time.perf_counter()
-    b = Bundle.open(path, verify=False)
-    gen = Generator(b.backend("ort", threads=threads), None, (-1,))
+    gen = Bundle.open(path, verify=False).generator("ort", threads=threads)
     load = time.perf_counter() - t
     gen.generate([ids], SamplingParams(max_new_tokens=4, stop_token_ids=(-1,)))
     res, tm = gen.generate([ids], SamplingParams(max_new_tokens=new, stop_token_ids=(-1,)))

@@ -32,8 +32,7 @@ def child(bundle_dir: str, cache_dir: str, reopen: bool) -> dict:
 
     bundle = Bundle.open(bundle_dir, verify=False)
     t0 = time.perf_counter()
-    backend = OrtBackend(bundle.path / bundle.manifest["model_file"], bundle.spec, optimized_cache=cache_dir,
-                         reopen=reopen)
+    backend = OrtBackend.from_bundle(bundle, optimized_cache=cache_dir, reopen=reopen)
     load_s = time.perf_counter() - t0
     cache = backend.new_cache(1)
     backend.step(cache, prefill_feed([list(range(100, 116))], cache.capacity, 0), np.zeros(1, dtype=np.int64))

@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen2edge.runtime.bundle import Bundle  # noqa: E402
-from qwen2edge.runtime.generator import Generator  # noqa: E402
 from qwen2edge.runtime.sampling import SamplingParams  # noqa: E402
 
 
@@ -43,7 +42,7 @@ def main() -> int:
                 inside[0] += time.perf_counter() - t
 
         setattr(sess, name, timed)
-    gen = Generator(backend, bundle.tokenizer, (-1,))
+    gen = bundle.generator(backend)
     prompt = list(range(1000, 1000 + args.prompt_len))
     params = SamplingParams(max_new_tokens=args.steps, stop_token_ids=(-1,))
     gen.generate([prompt], SamplingParams(max_new_tokens=4, stop_token_ids=(-1,)))

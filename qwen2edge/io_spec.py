@@ -17,9 +17,11 @@ Schema 1 bundles have past_len fixed at max_seq_len and still run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
+
+from .errors import InternalError
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: past_len fixed at max_seq_len
@@ -49,20 +51,35 @@ PAST_LEN = "past_len"  # cache slots handed to this step (<= max_seq_len)
 TOTAL_SEQ = "total_seq"  # past_len + seq
 
 
+_PAST, _PRESENT = "past_", "present_"
+
+
 def past_key(i: int) -> str:
-    return f"past_key.{i}"
+    return f"{_PAST}key.{i}"
 
 
 def past_value(i: int) -> str:
-    return f"past_value.{i}"
+    return f"{_PAST}value.{i}"
 
 
 def present_key(i: int) -> str:
-    return f"present_key.{i}"
+    return f"{_PRESENT}key.{i}"
 
 
 def present_value(i: int) -> str:
-    return f"present_value.{i}"
+    return f"{_PRESENT}value.{i}"
+
+
+def is_cache_input(name: str) -> bool:
+    """Whether `name` is a past_key.i / past_value.i input."""
+    return name.startswith((_PAST + "key.", _PAST + "value."))
+
+
+def present_name(past: str) -> str:
+    """The output holding the current tokens' rows for cache input `past` (past_key.3 -> present_key.3)."""
+    if not is_cache_input(past):
+        raise InternalError(f"{past!r} is not a cache input: report this as a qwen2edge bug")
+    return _PRESENT + past[len(_PAST):]
 
 
 def hidden_state(i: int) -> str:
@@ -71,8 +88,19 @@ def hidden_state(i: int) -> str:
     return f"hidden_state.{i}"
 
 
-NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": None}  # numpy has no bf16
+# Export dtype (the --dtype flag) -> element type name used in the I/O spec and ONNX.
 ONNX_ELEM = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Element type name -> numpy dtype (None: numpy has no bfloat16) and bytes per element.
+NUMPY_DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "bfloat16": None, "int64": np.int64}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
+
+
+def numpy_dtype(elem: str) -> Any:
+    """numpy dtype of an element type name; raises for bfloat16, which numpy cannot hold."""
+    dt = NUMPY_DTYPES.get(elem)
+    if dt is None:
+        raise TypeError(f"numpy has no {elem} dtype")
+    return dt
 
 
 @dataclass(frozen=True)
@@ -85,6 +113,23 @@ class TensorSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """The shape with each symbolic dimension replaced from `dims` (total_seq defaults to
+        past_len + seq). The exporter's trace inputs, ONNX Runtime's preallocated outputs and TensorRT's
+        profiles all size tensors through here."""
+        dims = dict(dims)
+        if TOTAL_SEQ not in dims and PAST_LEN in dims and SEQ in dims:
+            dims[TOTAL_SEQ] = dims[PAST_LEN] + dims[SEQ]
+        out = []
+        for d in self.shape:
+            if isinstance(d, int):
+                out.append(d)
+            elif d in dims:
+                out.append(int(dims[d]))
+            else:
+                raise KeyError(f"{self.name} has a symbolic dimension {d!r} with no value")
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -102,7 +147,24 @@ class IOSpec:
     @property
     def growable_cache(self) -> bool:
         """Whether the cache length is a graph dimension (schema 2) rather than fixed at max_seq_len."""
-        return any(t.shape[2] == PAST_LEN for t in self.inputs if t.name.startswith("past_key."))
+        return any(t.shape[2] == PAST_LEN for t in self.cache_inputs)
+
+    @property
+    def cache_inputs(self) -> tuple[TensorSpec, ...]:
+        """past_key.i / past_value.i, in input order: [batch, kv_heads, past_len, head_dim] each."""
+        return tuple(t for t in self.inputs if is_cache_input(t.name))
+
+    @property
+    def kv_numpy_dtype(self) -> Any:
+        """numpy dtype of the cache (bf16 caches live on the device only)."""
+        return NUMPY_DTYPES.get(self.kv_dtype) or np.float32
+
+    def tensor(self, name: str) -> TensorSpec:
+        """The input or output called `name`."""
+        for t in (*self.inputs, *self.outputs):
+            if t.name == name:
+                return t
+        raise KeyError(name)
 
     @property
     def input_names(self) -> list[str]:
@@ -194,7 +256,7 @@ def build_io_spec(
         outputs.append(TensorSpec(present_value(i), kv, (BATCH, num_kv_heads, SEQ, head_dim)))
     if hidden_states:
         if hidden_size is None:
-            raise ValueError("hidden_states outputs need hidden_size")
+            raise InternalError("hidden_states outputs need hidden_size: report this as a qwen2edge bug")
         # The residual stream is fp32 in every export dtype, so these are fp32 too.
         outputs += [TensorSpec(hidden_state(i), "float32", (BATCH, SEQ, hidden_size)) for i in range(num_layers + 1)]
     return IOSpec(tuple(inputs), tuple(outputs), num_layers, max_seq_len, kv, dca, hidden_states)

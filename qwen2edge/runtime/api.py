@@ -1,4 +1,4 @@
-"""High-level generation entry point used by the CLI (and the server): bundle dir in, result dict out."""
+"""`qwen2edge generate`: bundle dir and prompt in, result dict out."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any, Callable, Sequence
 
 from ..errors import InputError
 from .bundle import Bundle
-from .generator import Generator
 from .sampling import SamplingParams
 
 
@@ -17,38 +16,22 @@ def parse_prompt_ids(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}: e.g. --prompt-ids 1,2,3") from None
+        raise InputError(f"{{opt:prompt_ids}} must be comma-separated integers, got {text!r}: e.g. 1,2,3") from None
     if not ids:
-        raise InputError("--prompt-ids is empty: give at least one token id, e.g. --prompt-ids 1,2,3")
+        raise InputError("{opt:prompt_ids} is empty: give at least one token id, e.g. 1,2,3")
     return ids
-
-
-def load_generator(bundle_dir: str | Path, backend: str = "ort", **backend_kwargs: Any) -> tuple[Bundle, Generator]:
-    """Open a bundle and build its generator."""
-    bundle = Bundle.open(bundle_dir)
-    return bundle, Generator(bundle.backend(backend, **backend_kwargs), bundle.tokenizer, bundle.stop_token_ids(),
-                             extra_feed=dca_feed_for(bundle))
-
-
-def dca_feed_for(bundle: Bundle):
-    """The host-side DCA input builder for a DCA bundle, else None."""
-    if not bundle.spec.dca:
-        return None
-    from .dca_feed import DcaFeed  # host-side chunked position indices
-
-    return DcaFeed(bundle.config, bundle.max_seq_len)
 
 
 def encode_prompt(bundle: Bundle, prompt: str | None, prompt_ids: Sequence[int] | None, chat: bool,
                   system: str | None = None) -> list[int]:
     """Token ids for a text prompt (optionally through the chat template) or explicit ids."""
     if (prompt is None) == (prompt_ids is None):
-        raise InputError("give exactly one of --prompt or --prompt-ids")
+        raise InputError("give exactly one of {opt:prompt} or {opt:prompt_ids}")
     if prompt_ids is not None:
         bad = [i for i in prompt_ids if not 0 <= i < bundle.config.vocab_size]
         if bad:
             raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{bundle.config.vocab_size - 1}): "
-                             "fix --prompt-ids")
+                             "fix {opt:prompt_ids}")
         return list(prompt_ids)
     text = bundle.tokenizer.chat_prompt(prompt, system=system) if chat else prompt
     return bundle.tokenizer.encode(text)
@@ -59,7 +42,8 @@ def generate(bundle_dir: str | Path, prompt: str | None = None, prompt_ids: Sequ
              on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Generate for one prompt; returns prompt_ids, token_ids, text, finish_reason and timings."""
     t0 = time.perf_counter()
-    bundle, gen = load_generator(bundle_dir, backend)
+    bundle = Bundle.open(bundle_dir)
+    gen = bundle.generator(backend)
     load_s = time.perf_counter() - t0
     ids = encode_prompt(bundle, prompt, prompt_ids, chat)
     callback = (lambda _row, delta: on_text(delta)) if on_text else None

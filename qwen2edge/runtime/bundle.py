@@ -1,4 +1,4 @@
-"""Open an exported bundle: manifest (checksums verified), config, I/O spec, tokenizer, backend."""
+"""Open an exported bundle (manifest verified) and build what runs it: a backend, or a ready generator."""
 
 from __future__ import annotations
 
@@ -8,41 +8,41 @@ from pathlib import Path
 from typing import Any
 
 from .. import io_spec
+from ..bundle_manifest import BundleManifest
 from ..config import ModelConfig
-from ..errors import BundleError, InputError
-from ..manifest import model_digest, read_manifest
+from ..errors import InputError
 from .backend import Backend
+from .generator import Generator
+from .kv_cache import CACHE_BUCKET
 from .tokenizer import BundleTokenizer
 
 BACKENDS = ("ort", "trt")
-ORT_CACHE = ".ort-cache"  # optimized ONNX Runtime graphs, beside the bundle's files (not in the manifest)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Bundle:
     """An exported artifact directory, checked against its manifest."""
 
     path: Path
-    manifest: dict[str, Any]
-    config: ModelConfig
-    spec: io_spec.IOSpec
+    manifest: BundleManifest
     tokenizer: BundleTokenizer
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        """Read and (by default) checksum the bundle at `path`; one-line errors for anything missing."""
         path = Path(path)
         if not path.exists():
             raise InputError(f"bundle directory {path} does not exist: run `qwen2edge export MODEL_DIR -o {path}` first")
-        manifest = read_manifest(path, verify=verify)
-        if manifest.get("schema_version") not in io_spec.READABLE_SCHEMAS:
-            raise BundleError(f"{path} was written with manifest schema {manifest.get('schema_version')}, this "
-                              f"qwen2edge reads {', '.join(map(str, io_spec.READABLE_SCHEMAS))}: re-export the bundle")
-        try:
-            config = ModelConfig.from_dict(manifest["model_config"])
-            spec = io_spec.IOSpec.from_dict(manifest["io_spec"])
-        except (KeyError, TypeError) as exc:
-            raise BundleError(f"{path}/manifest.json lacks {exc}: re-export the bundle") from None
-        return cls(path, manifest, config, spec, BundleTokenizer.from_dir(path))
+        manifest = BundleManifest.read(path, verify=verify)
+        return cls(path, manifest, BundleTokenizer.from_dir(path))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.manifest.model_config
+
+    @property
+    def spec(self) -> io_spec.IOSpec:
+        return self.manifest.io_spec
 
     @property
     def max_seq_len(self) -> int:
@@ -61,18 +61,26 @@ class Bundle:
         ids += list(self.tokenizer.eos_token_ids)
         return tuple(dict.fromkeys(int(i) for i in ids))
 
-    def backend(self, kind: str = "ort", **kwargs: Any) -> Backend:
-        """Instantiate a backend for this bundle (imports its library lazily)."""
+    def backend(self, kind: str = "ort", **options: Any) -> Backend:
+        """A backend for this bundle (imports its library lazily); `options` go to its constructor."""
         if kind == "ort":
-            from .ort_backend import OrtBackend, optimized_cache_dir
+            from .ort_backend import OrtBackend
 
-            sha = model_digest(self.manifest)  # graph and weights: external data changes it too
-            if sha and not kwargs.get("providers") and "optimized_model_path" not in kwargs:
-                # CPU only: an optimized graph is specific to the providers that optimized it.
-                kwargs.setdefault("optimized_cache", optimized_cache_dir(self.path / ORT_CACHE, sha))
-            return OrtBackend(self.path / self.manifest["model_file"], self.spec, **kwargs)
+            return OrtBackend.from_bundle(self, **options)
         if kind == "trt":
             from .trt_backend import TrtBackend  # needs TensorRT and a GPU
 
-            return TrtBackend.from_bundle(self, **kwargs)
-        raise InputError(f"unknown backend {kind!r}: pass --backend {' or '.join(BACKENDS)}")
+            return TrtBackend.from_bundle(self, **options)
+        raise InputError(f"unknown backend {kind!r}: set {{opt:backend}} to {' or '.join(BACKENDS)}")
+
+    def generator(self, backend: str | Backend = "ort", *, cache_bucket: int = CACHE_BUCKET,
+                  **backend_options: Any) -> Generator:
+        """A ready generator: the backend (a kind, built with `backend_options`, or an instance made for this
+        bundle), the tokenizer, the stop ids and, for Dual Chunk Attention, the host-side position feed."""
+        runner = self.backend(backend, **backend_options) if isinstance(backend, str) else backend
+        extra = None
+        if self.spec.dca:
+            from .dca_feed import DcaFeed
+
+            extra = DcaFeed(self.config, self.max_seq_len)
+        return Generator(runner, self.tokenizer, self.stop_token_ids(), extra_feed=extra, cache_bucket=cache_bucket)

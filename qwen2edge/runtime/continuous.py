@@ -11,12 +11,13 @@ depend on who else is in the batch. Host caches only (`Backend.in_flight_batchin
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
-from .backend import cache_capacity
-from .generator import Generation, Generator, Row, decode_feed, prefill_feed
+from ..errors import InternalError
+from .generator import Generation, Generator, Row
+from .kv_cache import KVCache
 
 OnText = Callable[[Hashable, str], None]  # (key, text delta)
 OnFinish = Callable[[Hashable, Generation], None]  # (key, complete result)
@@ -28,14 +29,15 @@ class InFlightBatch:
 
     def __init__(self, generator: Generator, slots: int):
         if not generator.backend.in_flight_batching:
-            raise ValueError(f"the {generator.backend.name} backend has no in-flight batching: use Generator.generate")
+            raise InternalError(f"the {generator.backend.name} backend has no in-flight batching: report this as a "
+                                "qwen2edge bug (its requests run as static batches)")
         self.gen = generator
         self.slots = slots
         self.rows: list[Row] = []
         self.keys: list[Hashable] = []
-        self.cache: Any = None  # KVCache of up to `slots` rows, allocated on the first admission
+        self.cache: KVCache | None = None  # up to `slots` rows, allocated on the first admission
         self._logits = np.zeros((0, 0), dtype=np.float32)  # [n, V]: each live row's next-token logits
-        self._views: dict[int, Any] = {}  # rows n -> view of rows [0, n)
+        self._views: dict[int, KVCache] = {}  # rows n -> view of rows [0, n)
         self._views_version = -1
 
     def __len__(self) -> int:
@@ -52,17 +54,16 @@ class InFlightBatch:
         if not items:
             return
         if len(items) > self.free:
-            raise ValueError(f"{len(items)} rows do not fit the {self.free} free slots")
+            raise InternalError(f"{len(items)} rows do not fit the {self.free} free slots: report this as a "
+                                "qwen2edge bug")
         prompts = [row.result.prompt_ids for _, row in items]
         longest = max(len(p) for p in prompts)
         start, k = len(self.rows), len(items)
         if self.cache is None:  # rows for these newcomers only: zeroing all `slots` rows costs TTFT
-            start_cap = cache_capacity(longest + 1, 0, self.gen.max_seq_len)
-            self.cache = self.gen.backend.new_cache(k, capacity=start_cap)
+            self.cache = self.gen.new_cache(k, longest)
         self.cache.reserve_rows(start + k, self.slots)
-        cap = self.cache.reserve(longest)
-        logits = self.gen.step(self._view(start, start + k), prefill_feed(prompts, cap, self.gen.pad_id),
-                               np.zeros(k, dtype=np.int64))[:, -1, :]
+        self.cache.reserve(longest)  # on the whole cache: a view does not grow
+        logits = self.gen.prefill(self._view(start, start + k), prompts)
         self._logits = logits if start == 0 else np.concatenate([self._logits[:start], logits])
         self.keys += [key for key, _ in items]
         self.rows += [row for _, row in items]
@@ -94,8 +95,8 @@ class InFlightBatch:
             self._release()  # idle: free the cache
             return
         lengths = np.array([row.length for row in self.rows], dtype=np.int64)
-        cap = self.cache.fit(int(lengths.max()) + 1)
-        self._logits = self.gen.step(self._view(0, len(self.rows)), decode_feed(toks, lengths, cap), lengths)[:, -1, :]
+        self.cache.fit(int(lengths.max()) + 1)  # grows, or shrinks after long rows left
+        self._logits = self.gen.decode_one(self._view(0, len(self.rows)), toks, lengths)
         for row in self.rows:
             row.length += 1
 
@@ -123,7 +124,7 @@ class InFlightBatch:
         del self.rows[m:], self.keys[m:]
         return toks[:m]
 
-    def _view(self, start: int, stop: int) -> Any:
+    def _view(self, start: int, stop: int) -> KVCache:
         if start:  # a newcomers' prefill: used once
             return self.cache.view(start, stop)
         # Decode views [0, n) are kept, so the backend's per-cache bindings survive across steps; they

@@ -19,7 +19,8 @@ class DcaFeed:
 
     def __init__(self, config: ModelConfig, max_seq_len: int):
         if config.dual_chunk is None:
-            raise InputError("this bundle has no dual_chunk_attention_config: re-export with --dca-chunk-size")
+            raise InputError("this bundle has no dual_chunk_attention_config: re-export it with "
+                             "`qwen2edge export --dca-chunk-size C --dca-local-size W`")
         self.dc = config.dual_chunk
         self.max_seq_len = max_seq_len
         # Indices beyond the table only occur for pairs that can never be selected (see dca.table_rows).

@@ -1,4 +1,4 @@
-"""Prefill-then-decode over the static KV cache; backend-agnostic.
+"""Prefill, decode one, decode n over a backend's KV cache; backend-agnostic.
 
 Batches are right-padded: row b's prompt occupies cache slots [0, len_b) and each new token is
 written at the row's own next slot, so rows of different lengths never shift each other.
@@ -13,13 +13,15 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import io_spec
-from ..errors import InputError
-from .backend import Backend, cache_capacity
+from ..errors import InputError, InternalError
+from .backend import Backend
+from .kv_cache import CACHE_BUCKET, KVCache, cache_capacity
 from .sampling import SamplingParams, make_rng, sample_next
 from .tokenizer import StopMatcher, StreamDecoder
 
 OnText = Callable[[int, str], None]  # (row, text delta)
 ShouldStop = Callable[[int], bool]  # (row) -> stop this row now
+ExtraFeed = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]]  # (feed, write_pos) -> more inputs
 
 
 @dataclass
@@ -60,7 +62,8 @@ def check_fits(prompt_lens: Sequence[int], max_new_tokens: int, max_seq_len: int
     if longest + max_new_tokens > max_seq_len:
         raise InputError(
             f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the bundle's max_seq_len "
-            f"{max_seq_len}: shorten the prompt, lower --max-new-tokens, or re-export with a larger --max-seq-len"
+            f"{max_seq_len}: shorten the prompt, lower {{opt:max_new_tokens}}, or re-export the bundle with a "
+            "larger `qwen2edge export --max-seq-len`"
         )
 
 
@@ -157,27 +160,115 @@ class Row:
             self.done, self.result.finish_reason = True, "stop"
 
 
-class Generator:
-    """Runs generation for one bundle's backend and tokenizer."""
+class _Batch:
+    """A static batch's rows and the caller's per-row callbacks (row index in, as `generate` documents)."""
 
-    def __init__(self, backend: Backend, tokenizer, stop_token_ids: Sequence[int] = (),
-                 extra_feed: Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]] | None = None):
+    def __init__(self, rows: list[Row], shared_rng: np.random.Generator | None, on_text: OnText | None,
+                 on_finish: OnFinish | None, should_stop: ShouldStop | None):
+        self.rows, self.shared_rng = rows, shared_rng
+        self.on_text, self.on_finish, self.should_stop = on_text, on_finish, should_stop
+
+    @property
+    def done(self) -> bool:
+        return all(row.done for row in self.rows)
+
+    def emit(self, r: int) -> Callable[[str], None] | None:
+        on_text = self.on_text
+        return (lambda delta: on_text(r, delta)) if on_text else None
+
+    def finish(self, r: int) -> None:
+        self.rows[r].finish(self.emit(r))
+        if self.on_finish:
+            self.on_finish(r, self.rows[r].result)
+
+    def cancel_requested(self) -> None:
+        if self.should_stop is None:
+            return
+        for r, row in enumerate(self.rows):
+            if not row.done and self.should_stop(r):
+                row.cancel()
+                self.finish(r)
+
+
+class Generator:
+    """Generation over one bundle's backend: `prefill`, `decode_one`, `decode_n` (the shape of gpt-fast's
+    generate.py), and `generate` tying them together for a batch of prompts.
+
+    Build it with `Bundle.generator()`, which supplies the tokenizer, the stop ids and, for Dual Chunk
+    Attention, the host-side position feed."""
+
+    def __init__(self, backend: Backend, tokenizer=None, stop_token_ids: Sequence[int] = (),
+                 extra_feed: ExtraFeed | None = None, cache_bucket: int = CACHE_BUCKET):
         self.backend = backend
         self.tokenizer = tokenizer
         self.max_seq_len = backend.spec.max_seq_len
         self.default_stop_ids = tuple(stop_token_ids)
         self.extra_feed = extra_feed  # e.g. DCA position indices computed on the host
+        self.cache_bucket = cache_bucket
         if backend.spec.dca and extra_feed is None:
-            raise InputError("this bundle uses Dual Chunk Attention and needs its host-side inputs: pass "
-                             "extra_feed=runtime.api.dca_feed_for(bundle) (runtime.api.load_generator does)")
+            raise InternalError("a Dual Chunk Attention graph needs its host-side position inputs, and this "
+                                "generator was built without them: report this as a qwen2edge bug")
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         self.pad_id = int(pad if pad is not None else (self.default_stop_ids or (0,))[0])
 
-    def step(self, cache, feed: dict[str, np.ndarray], positions_start: np.ndarray) -> np.ndarray:
+    # ---- steps -----------------------------------------------------------------------------------
+
+    def step(self, cache: KVCache, feed: dict[str, np.ndarray], write_pos: np.ndarray) -> np.ndarray:
         """One backend step with the host-side extra inputs (DCA) added; returns logits [B, N, V]."""
         if self.extra_feed is not None:
-            feed = {**feed, **self.extra_feed(feed, positions_start)}
-        return self.backend.step(cache, feed, positions_start)
+            feed = {**feed, **self.extra_feed(feed, write_pos)}
+        return self.backend.step(cache, feed, write_pos)
+
+    def new_cache(self, batch: int, longest: int) -> KVCache:
+        """A cache for `batch` rows, starting at the smallest bucket that holds `longest` prompt tokens and
+        the first new one: a step attends every slot it is handed, so the cache grows with the sequence."""
+        capacity = cache_capacity(longest + 1, 0, self.max_seq_len, self.cache_bucket)
+        return self.backend.new_cache(batch, capacity=capacity, bucket=self.cache_bucket)
+
+    def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Run right-padded `prompts` into rows [0, B) of `cache`; logits [B, V] after each row's last token."""
+        capacity = cache.reserve(max(len(p) for p in prompts))
+        feed = prefill_feed(prompts, capacity, self.pad_id)
+        return self.step(cache, feed, np.zeros(len(prompts), dtype=np.int64))[:, -1, :]
+
+    def decode_one(self, cache: KVCache, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Run row b's token at position lengths[b] (slots [0, lengths[b]) filled); logits [B, V] after it."""
+        capacity = cache.reserve(int(lengths.max()) + 1)
+        return self.step(cache, decode_feed(tokens, lengths, capacity), lengths)[:, -1, :]
+
+    def decode_n(self, cache: KVCache, batch: _Batch, logits: np.ndarray, timings: Timings) -> None:
+        """Sample and decode until every row has finished (stop id or string, its max_new_tokens, or a
+        cancel). Finished rows keep their write position: the batch shape is static, so they are still
+        computed, but never advance past the slots their own request was checked to fit in."""
+        rows = batch.rows
+        lengths = np.array([row.length for row in rows], dtype=np.int64)
+        max_steps = max(row.params.max_new_tokens for row in rows)
+        t0 = time.perf_counter()
+        for step in range(max_steps):
+            batch.cancel_requested()
+            if batch.done:
+                break
+            tokens = self._sample(logits, rows, batch.shared_rng)
+            for r, row in enumerate(rows):
+                if row.done:
+                    continue
+                tok = int(tokens[r])
+                timings.new_tokens += tok not in row.stop_ids
+                if row.accept(tok, batch.emit(r)):
+                    batch.finish(r)
+            if batch.done or step == max_steps - 1:
+                break
+            live = np.array([not row.done for row in rows])
+            logits = self.decode_one(cache, tokens, lengths)
+            lengths = lengths + live
+            timings.decode_steps += 1
+        timings.decode_s = time.perf_counter() - t0
+        for r, row in enumerate(rows):
+            row.length = int(lengths[r])
+            if not row.done:
+                batch.finish(r)
+
+    # ---- whole generations -------------------------------------------------------------------------
 
     def new_row(self, prompt_ids: Sequence[int], params: SamplingParams) -> Row:
         """A row with its own seeded sampler, checked to fit the cache."""
@@ -194,67 +285,26 @@ class Generator:
         early when `should_stop(row)` turns true (finish_reason "cancelled"); `on_finish(row, result)`
         fires as soon as a row is complete, before slower rows in the batch are.
         """
-        prompts = [list(map(int, p)) for p in prompts]
-        b = len(prompts)
-        per_row = not isinstance(params, SamplingParams)
-        plist = list(params) if per_row else [params] * b
-        if len(plist) != b:
-            raise InputError(f"got {len(plist)} SamplingParams for {b} prompts: pass one per prompt or a single one")
-        if per_row:
-            rows = [self.new_row(p, rp) for p, rp in zip(prompts, plist)]
-            shared_rng = None
-        else:
-            check_fits([len(p) for p in prompts], params.max_new_tokens, self.max_seq_len)
-            rows = [Row(p, params, self.default_stop_ids, self.tokenizer, None) for p in prompts]
-            shared_rng = make_rng(params.seed)
-        max_steps = max(rp.max_new_tokens for rp in plist)
-        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        batch = _Batch(*self._rows(prompts, params), on_text, on_finish, should_stop)
         timings = Timings()
-
-        def finish(r: int) -> None:
-            rows[r].finish((lambda d: on_text(r, d)) if on_text else None)
-            if on_finish:
-                on_finish(r, rows[r].result)
-
-        # The cache starts at the smallest bucket that holds the prompts and their first new token, and
-        # grows with the sequence: a step attends every slot it is handed.
-        longest = int(lengths.max())
-        cache = self.backend.new_cache(b, capacity=cache_capacity(longest + 1, 0, self.max_seq_len))
+        cache = self.new_cache(len(batch.rows), max(row.length for row in batch.rows))
         t0 = time.perf_counter()
-        cap = self.backend.reserve(cache, longest)
-        logits = self.step(cache, prefill_feed(prompts, cap, self.pad_id), np.zeros(b, dtype=np.int64))
+        logits = self.prefill(cache, [row.result.prompt_ids for row in batch.rows])
         timings.prefill_s = time.perf_counter() - t0
-        t_dec = time.perf_counter()
-        for step in range(max_steps):
-            if should_stop is not None:
-                for r in range(b):
-                    if not rows[r].done and should_stop(r):
-                        rows[r].cancel()
-                        finish(r)
-                if all(row.done for row in rows):
-                    break
-            nxt = self._sample(logits[:, -1, :], rows, shared_rng)
-            for r, row in enumerate(rows):
-                if row.done:
-                    continue
-                tok = int(nxt[r])
-                timings.new_tokens += tok not in row.stop_ids
-                if row.accept(tok, (lambda d, r=r: on_text(r, d)) if on_text else None):
-                    finish(r)
-            if all(row.done for row in rows) or step == max_steps - 1:
-                break
-            # Finished rows keep their write position: they are still computed (the batch shape is
-            # static) but never advance past the slots their own request was checked to fit in.
-            live = np.array([not row.done for row in rows])
-            cap = self.backend.reserve(cache, int(lengths.max()) + 1)
-            logits = self.step(cache, decode_feed(nxt, lengths, cap), lengths)
-            lengths = lengths + live
-            timings.decode_steps += 1
-        timings.decode_s = time.perf_counter() - t_dec
-        for r, row in enumerate(rows):
-            if not row.done:
-                finish(r)
-        return [row.result for row in rows], timings
+        self.decode_n(cache, batch, logits, timings)
+        return [row.result for row in batch.rows], timings
+
+    def _rows(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+              ) -> tuple[list[Row], np.random.Generator | None]:
+        """Rows for the prompts, and the generator they share when one SamplingParams covers them all."""
+        if isinstance(params, SamplingParams):
+            check_fits([len(p) for p in prompts], params.max_new_tokens, self.max_seq_len)
+            return [Row(p, params, self.default_stop_ids, self.tokenizer, None) for p in prompts], make_rng(params.seed)
+        plist = list(params)
+        if len(plist) != len(prompts):
+            raise InternalError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts: report this as a "
+                                "qwen2edge bug")
+        return [self.new_row(p, rp) for p, rp in zip(prompts, plist)], None
 
     def _sample(self, logits: np.ndarray, rows: list[Row], shared_rng: np.random.Generator | None) -> np.ndarray:
         if shared_rng is not None:

@@ -3,8 +3,8 @@
 Decode hot path (one token per row): inputs are bound where they live (the cache arrays are bound
 once per cache, never copied), and logits/present outputs go into buffers preallocated per cache,
 so a step allocates nothing sizeable. The optimized graph (fusions such as DequantizeLinear+MatMul
--> MatMulNBits) can be cached beside the bundle, keyed by the model's sha256 and the ONNX Runtime
-version, so later loads skip the optimizer.
+-> MatMulNBits) is cached beside the bundle (`ORT_CACHE`), keyed by the model's digest, the ONNX
+Runtime version and the CPU architecture, so later loads skip the optimizer.
 """
 
 from __future__ import annotations
@@ -13,16 +13,23 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import io_spec
 from ..errors import InferenceError
 from ..io_spec import IOSpec
-from .backend import Backend, KVCache
+from .backend import Backend
+from .kv_cache import HostKVCache
 
+if TYPE_CHECKING:
+    from .bundle import Bundle
+
+ORT_CACHE = ".ort-cache"  # optimized graphs, beside the bundle's files (not in its manifest)
 OPTIMIZED_FILE = "model.optimized.onnx"
 _COMPLETE = ".complete"
 
@@ -73,20 +80,18 @@ def session_options(threads: int, level: Any = None) -> Any:
 class _DecodeBuffers:
     """An IOBinding for one-token steps over one cache, with its preallocated outputs."""
 
-    def __init__(self, session: Any, spec: IOSpec, cache: KVCache, n_logits: int):
+    def __init__(self, session: Any, spec: IOSpec, cache: HostKVCache, n_logits: int):
         self.binding = session.io_binding()
         self.n_logits = n_logits
         self.cache_version = cache.version
-        b = cache.batch
         self.outputs: dict[str, np.ndarray] = {}
-        dims = {io_spec.BATCH: b, io_spec.SEQ: 1, io_spec.N_LOGITS: n_logits}
+        dims = {io_spec.BATCH: cache.batch, io_spec.SEQ: 1, io_spec.N_LOGITS: n_logits}
         for t in spec.outputs:  # logits, present_key/value.i, and hidden_state.i in debug exports
-            shape = tuple(dims[d] if isinstance(d, str) else d for d in t.shape)
-            arr = np.empty(shape, dtype=np.float32 if t.dtype == "float32" else np.float16)
+            arr = np.empty(t.concrete_shape(dims), dtype=io_spec.numpy_dtype(t.dtype))
             self.outputs[t.name] = arr
             self.binding.bind_output(t.name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         for name, arr in cache.arrays.items():
-            self.binding.bind_cpu_input(name, arr)  # bound once per capacity: KVCache.write updates in place
+            self.binding.bind_cpu_input(name, arr)  # bound once per capacity: HostKVCache.write updates in place
 
 
 class OrtBackend(Backend):
@@ -95,6 +100,16 @@ class OrtBackend(Backend):
     name = "ort"
     reopened = False  # whether the first load replaced its optimizing session with the saved graph
     thread_safe = True  # InferenceSession.run is documented thread-safe; each batch has its own cache
+
+    @classmethod
+    def from_bundle(cls, bundle: "Bundle", *, cache_optimized: bool = True, **kwargs: Any) -> "OrtBackend":
+        """The bundle's model, with its optimized graph cached beside it (CPU provider only: an optimized
+        graph is specific to the providers that optimized it). Other keywords go to the constructor."""
+        digest = bundle.manifest.model_digest  # graph and weights: external data changes it too
+        if (cache_optimized and digest and not kwargs.get("providers")
+                and kwargs.get("optimized_model_path") is None):
+            kwargs.setdefault("optimized_cache", optimized_cache_dir(bundle.path / ORT_CACHE, digest))
+        return cls(bundle.path / bundle.manifest.model_file, bundle.spec, **kwargs)
 
     def __init__(self, model_path: str | Path, spec: IOSpec, threads: int | None = None,
                  providers: list[str] | None = None, optimized_model_path: str | Path | None = None,
@@ -106,7 +121,8 @@ class OrtBackend(Backend):
         super().__init__(spec)
         if spec.kv_dtype == "bfloat16" and not providers:
             raise InferenceError("ONNX Runtime's CPU provider has no bfloat16 MatMul, so bf16 bundles run on "
-                                 "TensorRT only: use --backend trt, or export with --dtype fp16/fp32 for ONNX Runtime")
+                                 "TensorRT only: set {opt:backend} to trt, or re-export with `--dtype fp16` or fp32 "
+                                 "for ONNX Runtime")
         import onnxruntime as ort
 
         self.threads = threads or default_threads()
@@ -134,6 +150,10 @@ class OrtBackend(Backend):
                 self.session = self._session(cached, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, None)
                 self.reopened = True
         self._outputs = [o.name for o in self.session.get_outputs()]
+        # Decode bindings per cache, dropped with the cache (a weak map: the backend must not keep
+        # every batch's buffers alive).
+        self._decode: weakref.WeakKeyDictionary[HostKVCache, _DecodeBuffers] = weakref.WeakKeyDictionary()
+        self._decode_lock = threading.Lock()
 
     def _session(self, path: Path, level: Any, save: Path | None) -> Any:
         import onnxruntime as ort
@@ -180,12 +200,9 @@ class OrtBackend(Backend):
 
     def step(self, cache: Any, feed: dict[str, np.ndarray], write_pos: np.ndarray) -> np.ndarray:
         """Prefill through infer(); one-token steps through the cache's bound buffers."""
-        if not self.io_binding or feed[io_spec.INPUT_IDS].shape[1] != 1 or not isinstance(cache, KVCache):
+        if not self.io_binding or feed[io_spec.INPUT_IDS].shape[1] != 1 or not isinstance(cache, HostKVCache):
             return super().step(cache, feed, write_pos)
-        n_logits = feed[io_spec.LOGITS_INDEX].shape[1]
-        bufs = getattr(cache, "_ort_decode", None)
-        if bufs is None or bufs.n_logits != n_logits or bufs.cache_version != cache.version:
-            bufs = cache._ort_decode = _DecodeBuffers(self.session, self.spec, cache, n_logits)
+        bufs = self._decode_buffers(cache, feed[io_spec.LOGITS_INDEX].shape[1])
         for name, arr in feed.items():
             bufs.binding.bind_cpu_input(name, np.ascontiguousarray(arr))
         try:
@@ -195,3 +212,10 @@ class OrtBackend(Backend):
         cache.write(bufs.outputs, write_pos)
         # A copy: the buffer is overwritten by the next step, and callers may keep the logits.
         return bufs.outputs[io_spec.LOGITS].copy()
+
+    def _decode_buffers(self, cache: HostKVCache, n_logits: int) -> _DecodeBuffers:
+        with self._decode_lock:
+            bufs = self._decode.get(cache)
+            if bufs is None or bufs.n_logits != n_logits or bufs.cache_version != cache.version:
+                bufs = self._decode[cache] = _DecodeBuffers(self.session, self.spec, cache, n_logits)
+            return bufs

@@ -19,13 +19,10 @@ import numpy as np
 from .. import io_spec
 from ..errors import InferenceError
 from ..io_spec import IOSpec
-from ..manifest import MANIFEST, model_digest, read_manifest
+from ..manifest import MANIFEST, read_manifest
 from ..trt.engine_manifest import ENGINE_DIR, PLAN_FILE, check_engine_matches
 from ..trt.profiles import Profile, select_profile
 from .backend import Backend
-
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
-_HOST = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
 def kv_copy_plan(batch: int, heads: int, max_len: int, head_dim: int, seq: int, itemsize: int,
@@ -50,26 +47,75 @@ def kv_copy_plan(batch: int, heads: int, max_len: int, head_dim: int, seq: int, 
     return plan
 
 
+class _DeviceRows:
+    """Rows [start, stop) of one device buffer: what TensorRT binds (a pointer and a shape)."""
+
+    def __init__(self, base: Any, start: int, stop: int, row_bytes: int):
+        self.base, self.start = base, start
+        self.ptr = base.ptr + start * row_bytes
+        self.shape = (stop - start, *tuple(base.shape)[1:])
+
+
 class DeviceKVCache:
-    """One device array per past_key.i / past_value.i, [B, Hkv, max_seq_len, D], zeroed at creation.
+    """The KV-cache protocol (runtime/kv_cache.py) over device buffers [rows, Hkv, max_seq_len, D].
 
-    It does not grow: the engine's profiles pin past_len to max_seq_len (trt/profiles.py)."""
+    It does not grow along the sequence: the engine's profiles pin past_len to max_seq_len
+    (trt/profiles.py). Rows are views into one pool, so a batch of b rows binds the first b rows of the
+    backend's max-batch cache instead of a cache of its own. Copies run on the backend's stream.
+    Untested on TensorRT."""
 
-    def __init__(self, spec: IOSpec, batch: int, arrays: dict[str, Any]):
-        self.spec = spec
-        self.batch = batch
-        self.arrays = arrays  # name -> polygraphy.cuda.DeviceArray
-        self.capacity = spec.max_seq_len
+    def __init__(self, backend: "TrtBackend", buffers: dict[str, Any], start: int, stop: int):
+        self._backend = backend
+        self._buffers = buffers  # name -> polygraphy DeviceArray [pool rows, Hkv, max_seq_len, D]
+        self._start = start
+        self.batch = stop - start
+        self.capacity = backend.spec.max_seq_len
+        self.version = 0
+        self._row_bytes = {n: int(np.prod(tuple(buf.shape)[1:])) * io_spec.ITEMSIZE[backend.dtype_of(n)]
+                           for n, buf in buffers.items()}
+        self.arrays = {n: _DeviceRows(buf, start, stop, self._row_bytes[n]) for n, buf in buffers.items()}
 
     def reserve(self, needed: int) -> int:
         return self.capacity
+
+    def fit(self, needed: int) -> int:
+        return self.capacity
+
+    def reserve_rows(self, rows: int, limit: int) -> int:
+        if rows > self.batch:
+            raise InferenceError(f"{rows} rows exceed this device cache's {self.batch}: report this as a qwen2edge bug")
+        return self.batch
+
+    def view(self, start: int, stop: int) -> "DeviceKVCache":
+        return DeviceKVCache(self._backend, self._buffers, self._start + start, self._start + stop)
+
+    def write(self, presents: Mapping[str, Any], write_pos: np.ndarray) -> None:
+        """Device-to-device copies of each row's new keys/values (device buffers in `presents`)."""
+        for name, dst in self.arrays.items():
+            src = presents[io_spec.present_name(name)]
+            seq = int(tuple(src.shape)[2])
+            b, h, length, d = dst.shape
+            for dst_off, src_off, n in kv_copy_plan(b, h, length, d, seq, io_spec.ITEMSIZE[self._backend.dtype_of(name)],
+                                                    write_pos):
+                self._backend.copy_d2d(dst.ptr + dst_off, src.ptr + src_off, n)
+
+    def move_row(self, src: int, dst: int) -> None:
+        for name, rows in self.arrays.items():
+            n = self._row_bytes[name]
+            self._backend.copy_d2d(rows.ptr + dst * n, rows.ptr + src * n, n)
+
+    def reset(self) -> None:
+        for name, rows in self.arrays.items():
+            self._backend.zero(rows.ptr, self.batch * self._row_bytes[name])
 
 
 class TrtBackend(Backend):
     """Runs bundle/engine/model.plan with TensorRT's name-based I/O API (execute_async_v3)."""
 
     name = "trt"
-    in_flight_batching = False  # the device cache has no row views: the server runs static batches
+    # Static batches only: in-flight batching steps over changing row counts, which the engine's
+    # profiles allow, but the path has never run on TensorRT.
+    in_flight_batching = False
 
     @classmethod
     def from_bundle(cls, bundle: Any, engine_dir: str | Path | None = None) -> "TrtBackend":
@@ -82,7 +128,7 @@ class TrtBackend(Backend):
         trt = _import_trt()
         from ..trt.device import gpu_info
 
-        onnx_sha = model_digest(bundle.manifest)
+        onnx_sha = bundle.manifest.model_digest
         check_engine_matches(manifest, trt.__version__, gpu_info(), onnx_sha, str(bundle.path))
         profiles = [Profile.from_dict(p) for p in manifest["profiles"]]
         return cls(trt, engine_dir / manifest.get("plan_file", PLAN_FILE), bundle.spec, profiles)
@@ -105,7 +151,8 @@ class TrtBackend(Backend):
         self._dtypes = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs)}
         self._outputs = [t.name for t in spec.outputs]
         self._buffers: dict[str, Any] = {}
-        self._cache_pool: dict[int, DeviceKVCache] = {}
+        self._pool: dict[str, Any] = {}  # one cache of the largest batch asked for; batches bind its first rows
+        self._pool_rows = 0
 
     # ---- buffers --------------------------------------------------------------------------------
 
@@ -121,28 +168,34 @@ class TrtBackend(Backend):
             buf = self._buffers[name] = self._cuda.DeviceArray(shape=shape, dtype=self._dtype(name))
         return buf.resize(shape)  # reallocates only when growing
 
-    def _zero(self, arr: Any) -> None:
-        zeros = np.zeros(arr.nbytes, dtype=np.uint8)
-        self._cuda.wrapper().memcpy(arr.ptr, zeros.ctypes.data, arr.nbytes, self._cuda.MemcpyKind.HostToDevice,
-                                    self.stream.ptr)
-        self.stream.synchronize()  # `zeros` must outlive the copy
-
     # ---- Backend --------------------------------------------------------------------------------
 
-    def new_cache(self, batch: int, capacity: int | None = None) -> DeviceKVCache:
-        """A zeroed full-size device cache (`capacity` is ignored); reused per batch size (zeroing
-        matters: 0 * NaN garbage is NaN)."""
-        cache = self._cache_pool.get(batch)
-        if cache is None:
-            arrays = {}
-            for t in self.spec.inputs:
-                if t.name.startswith(("past_key.", "past_value.")):
-                    shape = (batch, t.shape[1], self.spec.max_seq_len, t.shape[3])  # past_len may be symbolic
-                    arrays[t.name] = self._cuda.DeviceArray(shape=shape, dtype=self._dtype(t.name))
-            cache = self._cache_pool[batch] = DeviceKVCache(self.spec, batch, arrays)
-        for arr in cache.arrays.values():
-            self._zero(arr)
+    def new_cache(self, batch: int, capacity: int | None = None, bucket: int = 0) -> DeviceKVCache:
+        """Rows [0, batch) of one full-size device pool, zeroed (0 * NaN garbage is NaN); `capacity` and
+        `bucket` are ignored: the cache does not grow. The pool grows to the largest batch asked for."""
+        if self._pool_rows < batch:
+            for buf in self._pool.values():
+                buf.free()
+            self._pool = {}
+            for t in self.spec.cache_inputs:
+                shape = (batch, t.shape[1], self.spec.max_seq_len, t.shape[3])  # past_len may be symbolic
+                self._pool[t.name] = self._cuda.DeviceArray(shape=shape, dtype=self._dtype(t.name))
+            self._pool_rows = batch
+        cache = DeviceKVCache(self, self._pool, 0, batch)
+        cache.reset()
         return cache
+
+    def dtype_of(self, name: str) -> str:
+        """Element type of an input or output, from the bundle's I/O spec."""
+        return self._dtypes[name]
+
+    def copy_d2d(self, dst: int, src: int, nbytes: int) -> None:
+        self._cuda.wrapper().memcpy(dst, src, nbytes, self._cuda.MemcpyKind.DeviceToDevice, self.stream.ptr)
+
+    def zero(self, ptr: int, nbytes: int) -> None:
+        zeros = np.zeros(nbytes, dtype=np.uint8)
+        self._cuda.wrapper().memcpy(ptr, zeros.ctypes.data, nbytes, self._cuda.MemcpyKind.HostToDevice, self.stream.ptr)
+        self.stream.synchronize()  # `zeros` must outlive the copy
 
     def _bind_and_run(self, host: Mapping[str, np.ndarray], device: Mapping[str, Any]) -> None:
         shapes = {n: a.shape for n, a in host.items()} | {n: tuple(a.shape) for n, a in device.items()}
@@ -152,7 +205,7 @@ class TrtBackend(Backend):
             self._profile = idx
         keep = []  # host arrays must outlive their async copies (synchronized in the caller)
         for name, arr in host.items():
-            want = _HOST.get(self._dtypes[name])
+            want = io_spec.NUMPY_DTYPES.get(self._dtypes[name])
             arr = np.ascontiguousarray(arr if want is None else arr.astype(want, copy=False))
             keep.append(arr)
             buf = self._buffer(name, arr.shape)
@@ -173,13 +226,7 @@ class TrtBackend(Backend):
     def step(self, cache: DeviceKVCache, feed: dict[str, np.ndarray], write_pos: np.ndarray) -> np.ndarray:
         """One prefill/decode step: run, write presents into the device cache, return host logits."""
         self._bind_and_run(feed, cache.arrays)
-        seq = int(feed[io_spec.INPUT_IDS].shape[1])
-        wrapper, d2d = self._cuda.wrapper(), self._cuda.MemcpyKind.DeviceToDevice
-        for name, dst in cache.arrays.items():
-            src = self._buffers[name.replace("past_", "present_")]
-            b, h, length, d = dst.shape
-            for dst_off, src_off, n in kv_copy_plan(b, h, length, d, seq, _ITEMSIZE[self._dtypes[name]], write_pos):
-                wrapper.memcpy(dst.ptr + dst_off, src.ptr + src_off, n, d2d, self.stream.ptr)
+        cache.write(self._buffers, write_pos)
         logits = np.empty(tuple(self._buffers[io_spec.LOGITS].shape), dtype=np.float32)
         self._buffers[io_spec.LOGITS].copy_to(logits, self.stream)
         self.stream.synchronize()
@@ -191,7 +238,7 @@ class TrtBackend(Backend):
         out = {}
         for name in self._outputs:
             buf = self._buffers[name]
-            want = _HOST.get(self._dtypes[name])
+            want = io_spec.NUMPY_DTYPES.get(self._dtypes[name])
             host = np.empty(tuple(buf.shape), dtype=want or np.uint16)
             if want is None:  # bf16: numpy has no such dtype, so copy the raw bits
                 self._cuda.wrapper().memcpy(host.ctypes.data, buf.ptr, host.nbytes,
@@ -205,10 +252,9 @@ class TrtBackend(Backend):
     def close(self) -> None:
         for buf in self._buffers.values():
             buf.free()
-        for cache in self._cache_pool.values():
-            for arr in cache.arrays.values():
-                arr.free()
-        self._buffers, self._cache_pool = {}, {}
+        for buf in self._pool.values():
+            buf.free()
+        self._buffers, self._pool, self._pool_rows = {}, {}, 0
         self.stream.free()
         self.context = self.engine = None
 
@@ -217,6 +263,6 @@ def _import_trt() -> Any:
     try:
         import tensorrt  # noqa: PLC0415 - optional, GPU-only dependency
     except ImportError:
-        raise InferenceError("--backend trt needs TensorRT: `pip install 'qwen2edge[tensorrt]'`, or on Jetson JetPack's "
-                             "python3-libnvinfer (docs/jetson.md); or use --backend ort") from None
+        raise InferenceError("the trt backend needs TensorRT: `pip install 'qwen2edge[tensorrt]'`, or on Jetson "
+                             "JetPack's python3-libnvinfer (docs/jetson.md); or set {opt:backend} to ort") from None
     return tensorrt

@@ -73,28 +73,22 @@ def resolve_limits(spec: IOSpec, max_batch: int = 1, max_input_len: int | None =
     return ProfileLimits(max_batch, n, k)
 
 
-def _dims(spec: IOSpec, batch: int, seq: int, n_logits: int, name: str, shape: Sequence[Any]) -> Shape:
+def _dims(spec: IOSpec, batch: int, seq: int, n_logits: int, t: io_spec.TensorSpec) -> Shape:
     # The TensorRT backend keeps one full-size device cache (it does not grow it like the host cache),
     # so past_len is pinned to max_seq_len.
-    sym = {io_spec.BATCH: batch, io_spec.SEQ: seq, io_spec.N_LOGITS: n_logits,
-           io_spec.PAST_LEN: spec.max_seq_len, io_spec.TOTAL_SEQ: spec.max_seq_len + seq}
-    out = []
-    for d in shape:
-        if isinstance(d, int):
-            out.append(d)
-        elif d in sym:
-            out.append(sym[d])
-        else:
-            raise InputError(f"input {name} has an unknown symbolic dimension {d!r}: re-export the bundle with this "
-                             "qwen2edge version")
-    return tuple(out)
+    dims = {io_spec.BATCH: batch, io_spec.SEQ: seq, io_spec.N_LOGITS: n_logits, io_spec.PAST_LEN: spec.max_seq_len}
+    try:
+        return t.concrete_shape(dims)
+    except KeyError:
+        raise InputError(f"input {t.name} has a symbolic dimension this qwen2edge does not know ({t.shape}): "
+                         "re-export the bundle with this qwen2edge version") from None
 
 
 def _profile(spec: IOSpec, name: str, batch: tuple[int, int, int], seq: tuple[int, int, int],
              logits: tuple[int, int, int]) -> Profile:
     shapes = {}
     for t in spec.inputs:
-        shapes[t.name] = tuple(_dims(spec, batch[i], seq[i], logits[i], t.name, t.shape) for i in range(3))
+        shapes[t.name] = tuple(_dims(spec, batch[i], seq[i], logits[i], t) for i in range(3))
     return Profile(name, shapes)  # type: ignore[arg-type]
 
 

@@ -19,14 +19,13 @@ from .. import __version__
 from ..errors import InferenceError, InputError, Qwen2EdgeError
 from ..runtime.backend import Backend
 from ..runtime.bundle import BACKENDS, Bundle
-from ..runtime.generator import Generator, prefill_feed
+from ..runtime.generator import Generator
 from ..runtime.sampling import SamplingParams
 from . import metrics as M
 from .layers import debug_runner, layer_drift
 from .prompts import BUILTIN, Prompt
 from .reference import HFReference
 from .thresholds import DESCRIPTIONS, thresholds_for
-from .validate import tolerance_key
 from .validate import teacher_forced
 
 SCHEMA = "qwen2edge.compare"
@@ -87,7 +86,7 @@ def _encode(bundle: Bundle, p: Prompt) -> list[int]:
     return ids
 
 
-def _run_prompt(bundle: Bundle, runner: Backend, gen: Generator, refs: _RefCache, p: Prompt, steps: int,
+def _run_prompt(bundle: Bundle, gen: Generator, refs: _RefCache, p: Prompt, steps: int,
                 hist: M.ErrorHistogram) -> dict[str, Any]:
     ids = _encode(bundle, p)
     n = min(steps, bundle.max_seq_len - len(ids))
@@ -95,7 +94,7 @@ def _run_prompt(bundle: Bundle, runner: Backend, gen: Generator, refs: _RefCache
         raise InputError(f"prompt {p.id!r} has {len(ids)} tokens, no room in the bundle's max_seq_len "
                          f"{bundle.max_seq_len}: shorten it or re-export with a larger --max-seq-len")
     ids, ref_tokens, ref_logits = refs.generation(p, ids, n)
-    ours = teacher_forced(runner, ids, ref_tokens, bundle.max_seq_len, gen.pad_id)
+    ours = teacher_forced(gen, ids, ref_tokens)
     t = len(ids)
     # Row t-1+k predicts generated token k: row t-1 comes from the prefill, the rest from decode steps.
     steps_m = [M.step_metrics(k, ref_logits[t - 1 + k], ours[t - 1 + k]).to_dict() for k in range(n)]
@@ -112,15 +111,13 @@ def _run_prompt(bundle: Bundle, runner: Backend, gen: Generator, refs: _RefCache
     }
 
 
-def _run_ppl(bundle: Bundle, runner: Backend, refs: _RefCache, p: Prompt, pad_id: int) -> dict[str, Any]:
+def _run_ppl(bundle: Bundle, gen: Generator, refs: _RefCache, p: Prompt) -> dict[str, Any]:
     ids = _encode(bundle, p)
     if len(ids) > bundle.max_seq_len:
         raise InputError(f"perplexity text {p.id!r} has {len(ids)} tokens, over the bundle's max_seq_len "
                          f"{bundle.max_seq_len}: shorten it")
     ids, ref_logits = refs.text(p, ids)
-    feed = prefill_feed([ids], bundle.max_seq_len, pad_id)
-    feed["logits_index"] = np.arange(len(ids), dtype=np.int64)[None]
-    ours = runner.step(runner.new_cache(1), feed, np.zeros(1, dtype=np.int64))[0]
+    ours = teacher_forced(gen, ids, [])  # logits at every position of the text
     ppl_ref, ppl = M.perplexity(ref_logits, ids), M.perplexity(ours, ids)
     return {"id": p.id, "category": p.category, "tokens": len(ids), "ppl_ref": ppl_ref, "ppl": ppl,
             "delta": ppl - ppl_ref, "delta_rel": abs(ppl - ppl_ref) / ppl_ref}
@@ -179,23 +176,23 @@ def compare(model_dir: str | Path, bundle_dir: str | Path, backends: Sequence[st
     if not gen_prompts:
         raise InputError('no prompt to generate from: add at least one line without "kind": "perplexity"')
     bundle = Bundle.open(bundle_dir)
-    dtype = bundle.manifest["dtype"]
-    th = thresholds_for(tolerance_key(bundle.manifest), overrides)
+    dtype = bundle.manifest.dtype
+    th = thresholds_for(bundle.manifest.tolerance_key, overrides)
     runners = {kind: open_backend(bundle, kind) for kind in backends}  # fail fast, before the slow reference
     progress(f"loading the reference ({REFERENCE}) from {model_dir}")
     refs = _RefCache(HFReference(model_dir))
     results = []
     for kind, runner in runners.items():
-        gen = Generator(runner, bundle.tokenizer, bundle.stop_token_ids())
+        gen = bundle.generator(runner)
         hist = M.ErrorHistogram()
         rows = []
         for i, p in enumerate(gen_prompts, 1):
             progress(f"[{kind}] prompt {i}/{len(gen_prompts)} {p.id}: {steps} teacher-forced steps + greedy")
-            rows.append(_run_prompt(bundle, runner, gen, refs, p, steps, hist))
+            rows.append(_run_prompt(bundle, gen, refs, p, steps, hist))
         ppl = []
         for i, p in enumerate(ppl_prompts, 1):
             progress(f"[{kind}] perplexity text {i}/{len(ppl_prompts)} {p.id}")
-            ppl.append(_run_ppl(bundle, runner, refs, p, gen.pad_id))
+            ppl.append(_run_ppl(bundle, gen, refs, p))
         results.append({"backend": kind, "prompts": rows, "perplexity": ppl, "histogram": hist.to_dict(),
                         "summary": summarize(rows, ppl)})
     layer_report = None
@@ -229,7 +226,7 @@ def _layers(bundle: Bundle, model_dir, refs: _RefCache, ort_runner, max_rel: flo
     work = Path(tempfile.mkdtemp(prefix="qwen2edge-compare-"))
     try:
         runner, source = debug_runner(bundle, model_dir, ort_runner, work, progress)
-        out = layer_drift(refs.ref, runner, sequences, Generator(runner, None).pad_id, max_rel, progress)
+        out = layer_drift(refs.ref, runner, sequences, 0, max_rel, progress)  # one sequence a prefill: no padding
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"source": source, "backend": "ort", **out}

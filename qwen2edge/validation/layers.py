@@ -75,7 +75,7 @@ def debug_runner(bundle: Bundle, model_dir: str | Path, runner: Backend | None, 
 
     out = Path(tempfile.mkdtemp(prefix="debug-export-", dir=workdir))
     progress(f"  the bundle has no hidden-state outputs: debug re-export of {model_dir} "
-             f"({bundle.manifest['dtype']}, max_seq_len {bundle.max_seq_len})")
+             f"({bundle.manifest.dtype}, max_seq_len {bundle.max_seq_len})")
     export_bundle(model_dir, out / "bundle", ExportOptions(max_seq_len=bundle.max_seq_len,
-                                                           dtype=bundle.manifest["dtype"], debug_hidden_states=True))
-    return Bundle.open(out / "bundle").backend("ort"), f"debug re-export of the model directory ({bundle.manifest['dtype']})"
+                                                           dtype=bundle.manifest.dtype, debug_hidden_states=True))
+    return Bundle.open(out / "bundle").backend("ort"), f"debug re-export of the model directory ({bundle.manifest.dtype})"

@@ -10,13 +10,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InputError, ValidationError
-from ..runtime.api import dca_feed_for
 from ..runtime.bundle import Bundle
 from ..runtime.generator import Generator, decode_feed, prefill_feed
 from ..runtime.sampling import SamplingParams
 from .reference import HFReference
-
-ExtraFeed = Callable[[dict, np.ndarray], dict] | None
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -47,12 +44,6 @@ TOLERANCES = {
     "int8": Tolerance(max_abs=5.0, min_top1=0.9, require_greedy_match=False, max_ppl_increase=0.05),
     "int4": Tolerance(max_abs=30.0, min_top1=0.45, require_greedy_match=False, max_ppl_increase=0.25),
 }
-
-
-def tolerance_key(manifest: dict[str, Any]) -> str:
-    """The TOLERANCES entry for a bundle: its quantization scheme, else its dtype."""
-    quant = manifest.get("quantization") or {}
-    return quant.get("scheme") or manifest["dtype"]
 
 
 @dataclass
@@ -148,23 +139,17 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((logz - x[np.arange(len(targets)), targets]).sum())
 
 
-def teacher_forced(backend, prompt: list[int], forced: list[int], max_seq_len: int, pad_id: int,
-                   extra_feed: ExtraFeed = None) -> np.ndarray:
-    """Logits [len(prompt) + len(forced), V]: prefill every prompt position, then feed `forced` one by one.
-
-    `extra_feed(feed, write_pos)` adds mode-specific inputs (DCA position indices)."""
-    def step(cache, feed, write_pos):
-        if extra_feed is not None:
-            feed = {**feed, **extra_feed(feed, write_pos)}
-        return backend.step(cache, feed, write_pos)[0]
-
-    cache = backend.new_cache(1)
-    feed = prefill_feed([prompt], max_seq_len, pad_id)
+def teacher_forced(gen: Generator, prompt: list[int], forced: list[int]) -> np.ndarray:
+    """Logits [len(prompt) + len(forced), V]: prefill every prompt position, then feed `forced` one by one
+    (through the generator's steps, so mode-specific inputs such as DCA's position indices are added)."""
+    max_seq_len = gen.max_seq_len
+    cache = gen.backend.new_cache(1)
+    feed = prefill_feed([prompt], max_seq_len, gen.pad_id)
     feed["logits_index"] = np.arange(len(prompt), dtype=np.int64)[None]
-    rows = [step(cache, feed, np.zeros(1, dtype=np.int64))]
+    rows = [gen.step(cache, feed, np.zeros(1, dtype=np.int64))[0]]
     length = np.array([len(prompt)], dtype=np.int64)
     for tok in forced:
-        rows.append(step(cache, decode_feed(np.array([tok]), length, max_seq_len), length))
+        rows.append(gen.step(cache, decode_feed(np.array([tok]), length, max_seq_len), length)[0])
         length = length + 1
     return np.concatenate(rows, axis=0)
 
@@ -189,15 +174,13 @@ class _TorchGraphTarget:
         from .torch_graph import REFERENCE_NAME, TorchGraphBackend
 
         spec = io_spec_for(bundle.config, bundle.max_seq_len, "fp32")
-        self.backend = TorchGraphBackend(model_dir, bundle.config, spec)
-        self.extra = dca_feed_for(bundle)
-        self.gen = Generator(self.backend, None, extra_feed=self.extra)
+        self.gen = bundle.generator(TorchGraphBackend(model_dir, bundle.config, spec))
         self.name = REFERENCE_NAME
 
     def run(self, ids: list[int], steps: int, max_seq_len: int, pad_id: int) -> tuple[list[int], np.ndarray]:
         res, _ = self.gen.generate([ids], SamplingParams(max_new_tokens=steps, stop_token_ids=(-1,)))
         tokens = res[0].token_ids
-        return tokens, teacher_forced(self.backend, ids, tokens, max_seq_len, pad_id, self.extra)
+        return tokens, teacher_forced(self.gen, ids, tokens)
 
 
 def long_prompt(bundle: Bundle, n_tokens: int) -> list[int]:
@@ -211,12 +194,12 @@ def long_prompt(bundle: Bundle, n_tokens: int) -> list[int]:
 
 def _long_context_threshold(bundle: Bundle) -> tuple[str, int | None]:
     """(summary, the position past which the long-context mode matters) for the report."""
-    lc = bundle.manifest.get("long_context") or {}
+    summary = bundle.manifest.long_context.summary
     cfg = bundle.config
     if cfg.dual_chunk is not None:
-        return lc.get("summary", "DCA"), cfg.dual_chunk.period
+        return summary, cfg.dual_chunk.period
     if cfg.rope_scaling is not None:
-        return lc.get("summary", "YaRN"), cfg.rope_scaling.original_max_position_embeddings or cfg.max_position_embeddings
+        return summary, cfg.rope_scaling.original_max_position_embeddings or cfg.max_position_embeddings
     return "plain RoPE", None
 
 
@@ -229,11 +212,9 @@ def validate(model_dir: str | Path, bundle_dir: str | Path, steps: int = 32, bac
     PyTorch graph (see torch_graph.py). `long_prompt_tokens` adds a prompt of that many tokens, to
     reach positions beyond YaRN's original length or DCA's chunk period."""
     bundle = Bundle.open(bundle_dir)
-    dtype = tolerance_key(bundle.manifest)
+    dtype = bundle.manifest.tolerance_key
     tol = TOLERANCES[dtype]
-    runner = bundle.backend(backend)
-    extra = dca_feed_for(bundle)
-    gen = Generator(runner, bundle.tokenizer, bundle.stop_token_ids(), extra_feed=extra)
+    gen = bundle.generator(backend)
     target = _TorchGraphTarget(model_dir, bundle) if bundle.spec.dca else _HFTarget(model_dir)
     summary, threshold = _long_context_threshold(bundle)
     report = ValidationReport(target.name, backend, dtype, steps, asdict(tol), long_context=summary)
@@ -241,7 +222,7 @@ def validate(model_dir: str | Path, bundle_dir: str | Path, steps: int = 32, bac
         report.notes.append("the PyTorch DCA reference is proven against the naive reference for full-width "
                             "rotary only; this model rotates part of each head")
     if long_prompt_tokens < 0 or long_prompt_tokens >= bundle.max_seq_len:
-        raise InputError(f"--long-prompt-tokens {long_prompt_tokens} must be in 0..{bundle.max_seq_len - 1} "
+        raise InputError(f"{{opt:long_prompt_tokens}} {long_prompt_tokens} must be in 0..{bundle.max_seq_len - 1} "
                          "(below the bundle's max_seq_len): pass a smaller value")
     use_chat = chat and bundle.tokenizer.has_chat_template
     cases: list[tuple[str, list[int]]] = []
@@ -257,7 +238,7 @@ def validate(model_dir: str | Path, bundle_dir: str | Path, steps: int = 32, bac
         ref_tokens, ref_logits = target.run(ids, steps_here, bundle.max_seq_len, gen.pad_id)
         ref_logits = ref_logits.astype(np.float64)
         longest = max(longest, len(ids) + steps_here)
-        ours = teacher_forced(runner, ids, ref_tokens, bundle.max_seq_len, gen.pad_id, extra)
+        ours = teacher_forced(gen, ids, ref_tokens)
         pre_abs, pre_rel = _errors(ours[: len(ids)], ref_logits[: len(ids)])
         dec_abs, dec_rel = _errors(ours[len(ids):], ref_logits[len(ids):])
         top1 = float((ours.argmax(-1) == ref_logits.argmax(-1)).mean())

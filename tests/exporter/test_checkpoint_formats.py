@@ -13,8 +13,7 @@ PROMPT = [151644, 872, 198, 9707, 11, 1879, 30]
 
 
 def _logits(bundle_dir, forced):
-    bundle = Bundle.open(bundle_dir)
-    return teacher_forced(bundle.backend("ort"), PROMPT, forced, bundle.max_seq_len, 0)
+    return teacher_forced(Bundle.open(bundle_dir).generator(), PROMPT, forced)
 
 
 def test_sharded_checkpoint_exports_like_the_single_file(tiny_model_factory, tiny_bundle_factory, tmp_path):

@@ -11,9 +11,10 @@ import pytest
 from qwen2edge.errors import BundleError
 from qwen2edge.exporter import export as export_mod
 from qwen2edge.exporter.export import DATA_FILE, MODEL_FILE, ExportOptions, export_bundle
-from qwen2edge.manifest import model_digest, read_manifest
-from qwen2edge.runtime.api import load_generator
-from qwen2edge.runtime.bundle import ORT_CACHE
+from qwen2edge.bundle_manifest import BundleManifest
+from qwen2edge.manifest import read_manifest
+from qwen2edge.runtime.bundle import Bundle
+from qwen2edge.runtime.ort_backend import ORT_CACHE
 from qwen2edge.runtime.generator import prefill_feed
 from qwen2edge.runtime.sampling import SamplingParams
 
@@ -32,7 +33,8 @@ def external_bundle(tiny_model_factory, tmp_path_factory):
 
 
 def _prefill_logits(bundle_dir):
-    bundle, gen = load_generator(bundle_dir)
+    bundle = Bundle.open(bundle_dir)
+    gen = bundle.generator()
     cache = gen.backend.new_cache(1)
     return gen.backend.step(cache, prefill_feed([PROMPT], bundle.max_seq_len, gen.pad_id), np.zeros(1, np.int64))
 
@@ -51,14 +53,14 @@ def test_external_bundle_equals_the_inline_one(external_bundle, tiny_bundle_fact
     _, inline = tiny_bundle_factory("gqa")
     np.testing.assert_allclose(_prefill_logits(external_bundle), _prefill_logits(inline), rtol=0, atol=1e-5)
     greedy = SamplingParams(max_new_tokens=12)
-    outs = [load_generator(b)[1].generate([PROMPT], greedy)[0][0].token_ids for b in (external_bundle, inline)]
+    outs = [Bundle.open(b).generator().generate([PROMPT], greedy)[0][0].token_ids for b in (external_bundle, inline)]
     assert outs[0] == outs[1] and len(outs[0]) >= 1
 
 
 def test_optimized_graph_cache_keys_on_the_weights_too(external_bundle):
-    manifest = read_manifest(external_bundle)
-    model_sha = manifest["files"][MODEL_FILE]["sha256"]
-    digest = model_digest(manifest)
+    manifest = BundleManifest.read(external_bundle)
+    model_sha = manifest.files[MODEL_FILE].sha256
+    digest = manifest.model_digest
     assert digest != model_sha  # model.onnx alone does not name the weights
     first = _prefill_logits(external_bundle)  # writes the optimized-graph cache on first load
     cached = [p.name for p in (external_bundle / ORT_CACHE).iterdir() if not p.name.startswith(".")]

@@ -1,6 +1,7 @@
 """Weight-only int8/int4 export: the quantizer's arithmetic, the graph it writes, ONNX Runtime's
 fusion of that graph into MatMulNBits, and the bundle's outputs against the fp32 bundle."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,8 +11,9 @@ from onnx import numpy_helper
 
 from qwen2edge.exporter.export import ExportOptions, export_bundle
 from qwen2edge.exporter.quantize import QuantizeOptions, pack_uint4, quantize_blocks
+from qwen2edge.bundle_manifest import QuantizationRecord
 from qwen2edge.runtime.bundle import Bundle
-from qwen2edge.validation.validate import TOLERANCES, teacher_forced, tolerance_key
+from qwen2edge.validation.validate import TOLERANCES, teacher_forced
 
 from ..test_cli import assert_one_line_error, run_cli
 
@@ -98,8 +100,7 @@ def test_quantized_logits_track_fp32(quantized):
     prompt = [15, 2000, 77, 9000, 31, 123, 456, 789]
     logits = {}
     for name in ("fp32", "int8", "int4"):
-        bundle = Bundle.open(b[name])
-        logits[name] = teacher_forced(bundle.backend("ort"), prompt, [5, 6, 7, 8], bundle.max_seq_len, 0)
+        logits[name] = teacher_forced(Bundle.open(b[name]).generator(), prompt, [5, 6, 7, 8])
     ref = logits["fp32"]
     for name, (max_rel, min_corr) in {"int8": (0.05, 0.999), "int4": (0.5, 0.95)}.items():
         diff = np.abs(logits[name] - ref).max() / np.abs(ref).max()
@@ -108,9 +109,11 @@ def test_quantized_logits_track_fp32(quantized):
     assert (logits["int8"].argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
-def test_quantized_bundles_use_their_scheme_tolerance():
-    assert tolerance_key({"dtype": "fp32", "quantization": {"scheme": "int4"}}) == "int4"
-    assert tolerance_key({"dtype": "fp16", "quantization": None}) == "fp16"
+def test_quantized_bundles_use_their_scheme_tolerance(tiny_bundle_factory):
+    manifest = Bundle.open(tiny_bundle_factory("gqa")[1]).manifest
+    int4 = dataclasses.replace(manifest, quantization=QuantizationRecord("int4", 64, False))
+    assert int4.tolerance_key == "int4"
+    assert dataclasses.replace(manifest, dtype="fp16", quantization=None).tolerance_key == "fp16"
     assert TOLERANCES["int8"].min_top1 > TOLERANCES["int4"].min_top1
 
 

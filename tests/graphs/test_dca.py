@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from qwen2edge import io_spec
-from qwen2edge.runtime.api import dca_feed_for
+from qwen2edge.errors import InternalError
 from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.runtime.generator import Generator, decode_feed, prefill_feed
 from qwen2edge.runtime.sampling import SamplingParams
@@ -26,14 +26,14 @@ IDS = [int(x) for x in np.random.default_rng(7).integers(0, 151000, size=80)]
 def dca(tiny_bundle_factory):
     model_dir, bundle_dir = tiny_bundle_factory("dca", max_seq_len=L)
     bundle = Bundle.open(bundle_dir)
-    return model_dir, bundle, bundle.backend("ort"), dca_feed_for(bundle), NaiveQwen2(model_dir)
+    return model_dir, bundle, bundle.generator(), NaiveQwen2(model_dir)
 
 
-def _prefill_all(backend, extra, ids):
+def _prefill_all(gen, ids):
+    """Logits at every position of one prefill (the generator's step adds the DCA inputs)."""
     feed = prefill_feed([ids], L, 0)
     feed[io_spec.LOGITS_INDEX] = np.arange(len(ids))[None]
-    feed.update(extra(feed, np.zeros(1, dtype=np.int64)))
-    return backend.step(backend.new_cache(1), feed, np.zeros(1, dtype=np.int64))[0]
+    return gen.step(gen.backend.new_cache(1), feed, np.zeros(1, dtype=np.int64))[0]
 
 
 def test_graph_is_static_and_standard(dca):
@@ -44,13 +44,13 @@ def test_graph_is_static_and_standard(dca):
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
     names = [i.name for i in model.graph.input]
     assert set(io_spec.DCA_INPUTS) <= set(names) and io_spec.POSITION_IDS in names
-    assert bundle.manifest["long_context"]["mode"] == "dca"
+    assert bundle.manifest.long_context.mode == "dca"
 
 
 def test_prefill_spanning_four_chunks_matches_naive_reference(dca):
-    _, _, backend, extra, naive = dca
+    _, _, gen, naive = dca
     ids = IDS[:40]  # sf(40) = 1 + 0.1 ln(40/32) > 1: the temperature is on
-    got = _prefill_all(backend, extra, ids)
+    got = _prefill_all(gen, ids)
     want = naive.logits(ids)
     err = np.abs(got - want).max()
     print(f"DCA ONNX vs naive, 40-token prefill (4 chunks): max |delta logit| {err:.3g}")
@@ -60,9 +60,9 @@ def test_prefill_spanning_four_chunks_matches_naive_reference(dca):
 def test_decode_steps_crossing_chunk_boundaries_match_naive_reference(dca):
     """Prefill 20 tokens, decode 40 one by one (crossing boundaries 24, 36, 48): every key keeps the
     temperature of the step that wrote it, exactly as the reference replays it."""
-    _, _, backend, extra, naive = dca
+    _, _, gen, naive = dca
     ids = IDS[:60]
-    got = teacher_forced(backend, ids[:20], ids[20:], L, 0, extra)
+    got = teacher_forced(gen, ids[:20], ids[20:])
     want = naive.logits(ids, naive.step_temperatures(20, 60))
     err = np.abs(got - want).max()
     print(f"DCA ONNX prefill 20 + 40 decode steps vs naive (5 chunks): max |delta logit| {err:.3g}")
@@ -73,33 +73,28 @@ def test_decode_steps_crossing_chunk_boundaries_match_naive_reference(dca):
 
 def test_prefill_then_decode_equals_one_prefill(dca):
     """No temperature below L0 = 32: prefill 7 + 23 decode steps (crossing 12 and 24) == one 30-token prefill."""
-    _, _, backend, extra, _ = dca
+    _, _, gen, _ = dca
     ids = IDS[:30]
-    whole = _prefill_all(backend, extra, ids)
-    stepped = teacher_forced(backend, ids[:7], ids[7:], L, 0, extra)
+    whole = _prefill_all(gen, ids)
+    stepped = teacher_forced(gen, ids[:7], ids[7:])
     np.testing.assert_allclose(stepped, whole, atol=2e-5, rtol=0)
 
 
 def test_unaligned_prefill_blocks(dca):
     """Prefill 13 tokens, then a 17-token block (crossing the boundary at 24), then a decode step."""
-    _, _, backend, extra, naive = dca
+    _, _, gen, naive = dca
     ids = IDS[:31]
-    cache = backend.new_cache(1)
-    feed = prefill_feed([ids[:13]], L, 0)
-    feed.update(extra(feed, np.zeros(1, dtype=np.int64)))
-    backend.step(cache, feed, np.zeros(1, dtype=np.int64))
+    cache = gen.backend.new_cache(1)
+    gen.step(cache, prefill_feed([ids[:13]], L, 0), np.zeros(1, dtype=np.int64))
     t = 17
     mask = np.zeros((1, L + t), dtype=np.int64)
     mask[0, :13] = 1
     mask[0, L:] = 1
     block = {io_spec.INPUT_IDS: np.array([ids[13:30]]), io_spec.POSITION_IDS: np.arange(13, 30)[None],
              io_spec.ATTENTION_MASK: mask, io_spec.LOGITS_INDEX: np.arange(t)[None]}
-    block.update(extra(block, np.array([13])))
-    got_block = backend.step(cache, block, np.array([13]))[0]
+    got_block = gen.step(cache, block, np.array([13]))[0]
     length = np.array([30])
-    dec = decode_feed(np.array([ids[30]]), length, L)
-    dec.update(extra(dec, length))
-    got_last = backend.step(cache, dec, length)[0]
+    got_last = gen.step(cache, decode_feed(np.array([ids[30]]), length, L), length)[0]
     want = naive.logits(ids)  # all lengths <= 32: sf = 1 everywhere
     assert np.abs(got_block - want[13:30]).max() < TOL
     assert np.abs(got_last - want[30:31]).max() < TOL
@@ -110,14 +105,14 @@ def test_within_one_period_equals_plain_attention(dca, tmp_path_factory):
     from qwen2edge.config import load_hf_config
     from qwen2edge.exporter.export import ExportOptions, export_bundle
 
-    model_dir, _, backend, extra, naive = dca
+    model_dir, _, gen, naive = dca
     cfg, _ = load_hf_config(model_dir)
     plain_dir = tmp_path_factory.mktemp("dca-as-plain") / "b"
     export_bundle(model_dir, plain_dir, ExportOptions(max_seq_len=L), cfg_override=cfg.replace(dual_chunk=None))
-    plain = Bundle.open(plain_dir).backend("ort")
+    plain = Bundle.open(plain_dir).generator()
     ids = IDS[:12]
-    got = teacher_forced(backend, ids[:5], ids[5:], L, 0, extra)
-    want = teacher_forced(plain, ids[:5], ids[5:], L, 0)
+    got = teacher_forced(gen, ids[:5], ids[5:])
+    want = teacher_forced(plain, ids[:5], ids[5:])
     diff = np.abs(got - want).max()
     print(f"DCA vs plain attention within one period: max |delta logit| {diff:.3g}")
     # Same math, not the same float32 op order: the stacked [G*3*T, D] query MatMul is blocked
@@ -141,8 +136,7 @@ class _NaivePlain:
 
 
 def test_padded_batch_equals_single_requests(dca):
-    _, bundle, backend, extra, _ = dca
-    gen = Generator(backend, bundle.tokenizer, extra_feed=extra)
+    _, _, gen, _ = dca
     prompts = [IDS[:30], IDS[30:35]]
     params = SamplingParams(max_new_tokens=20, stop_token_ids=(-1,))
     batch, _ = gen.generate(prompts, params)
@@ -156,10 +150,10 @@ def test_torch_graph_reference_is_proven_against_naive(dca):
     from qwen2edge.exporter.export import io_spec_for
     from qwen2edge.validation.torch_graph import TorchGraphBackend
 
-    model_dir, bundle, _, extra, naive = dca
-    ref = TorchGraphBackend(model_dir, bundle.config, io_spec_for(bundle.config, L, "fp32"))
+    model_dir, bundle, _, naive = dca
+    ref = bundle.generator(TorchGraphBackend(model_dir, bundle.config, io_spec_for(bundle.config, L, "fp32")))
     ids = IDS[:50]
-    got = teacher_forced(ref, ids[:38], ids[38:], L, 0, extra)
+    got = teacher_forced(ref, ids[:38], ids[38:])
     want = naive.logits(ids, naive.step_temperatures(38, 50))
     assert np.abs(got - want).max() < TOL
 
@@ -171,10 +165,9 @@ def test_cache_within_one_period_is_noted_and_runs(tiny_model_factory, tmp_path)
     said: list[str] = []
     out = tmp_path / "b"
     m = export_bundle(tiny_model_factory("dca"), out, ExportOptions(max_seq_len=10), progress=said.append)
-    assert any("equals plain attention" in n for n in m["long_context"]["notes"])
+    assert any("equals plain attention" in n for n in m.long_context.notes)
     assert any(s.startswith("note: max_seq_len 10 <= DCA period 12") for s in said)
-    bundle = Bundle.open(out)
-    gen = Generator(bundle.backend("ort"), bundle.tokenizer, extra_feed=dca_feed_for(bundle))
+    gen = Bundle.open(out).generator()
     res, _ = gen.generate([IDS[:4]], SamplingParams(max_new_tokens=6, stop_token_ids=(-1,)))
     assert len(res[0].token_ids) == 6
 
@@ -187,12 +180,12 @@ def test_naive_reference_plain_mode_matches_transformers(tiny_model_factory, hf_
     assert err < 1e-4
 
 
-def test_generator_without_dca_inputs_says_how_to_fix(dca):
-    from qwen2edge.errors import InputError
-
-    _, bundle, backend, _, _ = dca
-    with pytest.raises(InputError, match="dca_feed_for"):
-        Generator(backend, bundle.tokenizer)
+def test_generator_without_dca_inputs_is_refused(dca):
+    """Only Bundle.generator() builds generators for users; one assembled without the DCA feed is a bug,
+    caught at construction rather than as a missing-input error mid-generation."""
+    _, bundle, gen, _ = dca
+    with pytest.raises(InternalError, match="position inputs.*report this as a qwen2edge bug"):
+        Generator(gen.backend, bundle.tokenizer)
 
 
 def test_decode_reads_the_cache_without_copying_it(dca, tmp_path):

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from qwen2edge.runtime.bundle import Bundle
-from qwen2edge.runtime.generator import Generator
 from qwen2edge.runtime.sampling import SamplingParams
 from qwen2edge.validation.validate import teacher_forced
 
@@ -17,12 +16,11 @@ PROMPTS = [[151644, 872, 198, 9707, 0, 11, 1879, 30], [40, 1079, 264, 1273, 13],
 def test_prefill_and_decode_logits_match_transformers(variant, tiny_bundle_factory, hf_reference_factory):
     model_dir, bundle_dir = tiny_bundle_factory(variant)
     ref = hf_reference_factory(model_dir)
-    bundle = Bundle.open(bundle_dir)
-    backend = bundle.backend("ort")
+    gen = Bundle.open(bundle_dir).generator()
     prompt = PROMPTS[0]
     forced = ref.greedy(prompt, 12)
     want = ref.logits(prompt + forced)[: len(prompt) + len(forced)]
-    got = teacher_forced(backend, prompt, forced, bundle.max_seq_len, pad_id=0)
+    got = teacher_forced(gen, prompt, forced)
     assert got.shape == want.shape
     assert np.abs(got[: len(prompt)] - want[: len(prompt)]).max() < 1e-4  # prefill
     assert np.abs(got[len(prompt):] - want[len(prompt):]).max() < 1e-4  # cached decode steps
@@ -33,8 +31,7 @@ def test_prefill_and_decode_logits_match_transformers(variant, tiny_bundle_facto
 def test_32_greedy_tokens_identical(variant, tiny_bundle_factory, hf_reference_factory):
     model_dir, bundle_dir = tiny_bundle_factory(variant)
     ref = hf_reference_factory(model_dir)
-    bundle = Bundle.open(bundle_dir)
-    gen = Generator(bundle.backend("ort"), bundle.tokenizer)
+    gen = Bundle.open(bundle_dir).generator()
     for prompt in PROMPTS:
         results, _ = gen.generate([prompt], SamplingParams(max_new_tokens=32, stop_token_ids=(-1,)))
         assert results[0].token_ids == ref.greedy(prompt, 32)
@@ -42,8 +39,7 @@ def test_32_greedy_tokens_identical(variant, tiny_bundle_factory, hf_reference_f
 
 def test_padded_batch_equals_single_requests(tiny_bundle_factory):
     _, bundle_dir = tiny_bundle_factory("gqa")
-    bundle = Bundle.open(bundle_dir)
-    gen = Generator(bundle.backend("ort"), bundle.tokenizer)
+    gen = Bundle.open(bundle_dir).generator()
     params = SamplingParams(max_new_tokens=16, stop_token_ids=(-1,))
     batch, _ = gen.generate(PROMPTS, params)
     for prompt, row in zip(PROMPTS, batch):
@@ -60,7 +56,7 @@ def test_prefill_in_two_chunks_equals_one_prefill(tiny_bundle_factory):
     bundle = Bundle.open(bundle_dir)
     backend, L = bundle.backend("ort"), bundle.max_seq_len
     prompt = PROMPTS[0]
-    whole = teacher_forced(backend, prompt, [0], L, 0)[: len(prompt)]
+    whole = teacher_forced(bundle.generator(backend), prompt, [0])[: len(prompt)]
     cache = backend.new_cache(1)
     head, tail = prompt[:3], prompt[3:]
     feed = prefill_feed([head], L, 0)

@@ -4,8 +4,8 @@ grow and shrink all produce exactly what they produce alone (real ONNX Runtime s
 import numpy as np
 import pytest
 
-from qwen2edge.runtime import backend as backend_mod
-from qwen2edge.runtime.api import load_generator
+from qwen2edge.errors import InternalError
+from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.runtime.continuous import InFlightBatch
 from qwen2edge.runtime.sampling import SamplingParams
 
@@ -48,7 +48,13 @@ def _alone(gen, p: int, params: SamplingParams):
 
 @pytest.fixture(scope="module")
 def gqa(tiny_bundle_factory):
-    return load_generator(tiny_bundle_factory("gqa")[1])[1]
+    return Bundle.open(tiny_bundle_factory("gqa")[1]).generator()
+
+
+@pytest.fixture(scope="module")
+def gqa8(tiny_bundle_factory):
+    """The same model with 8-slot cache buckets, so its cache grows and shrinks within 96 slots."""
+    return Bundle.open(tiny_bundle_factory("gqa")[1]).generator(cache_bucket=8)
 
 
 def test_rows_joining_and_leaving_equal_their_single_runs(gqa):
@@ -95,8 +101,8 @@ def test_stop_strings_and_stop_ids_end_rows_as_alone(gqa):
     assert d.results["id"].finish_reason == d.results["text"].finish_reason == "stop"
 
 
-def test_cache_grows_for_a_long_row_and_shrinks_after_it(gqa, monkeypatch):
-    monkeypatch.setattr(backend_mod, "CACHE_BUCKET", 8)
+def test_cache_grows_for_a_long_row_and_shrinks_after_it(gqa8):
+    gqa = gqa8
     d = Driver(gqa, slots=2)
     d.admit(("long", 0, _greedy(70)), ("short", 2, _greedy(80)))
     caps = []
@@ -109,8 +115,8 @@ def test_cache_grows_for_a_long_row_and_shrinks_after_it(gqa, monkeypatch):
     assert d.results["short"].token_ids == _alone(gqa, 2, _greedy(80)).token_ids
 
 
-def test_shrinks_when_the_long_rows_are_gone(gqa, monkeypatch):
-    monkeypatch.setattr(backend_mod, "CACHE_BUCKET", 8)
+def test_shrinks_when_the_long_rows_are_gone(gqa8):
+    gqa = gqa8
     d = Driver(gqa, slots=2)
     d.admit(("long", 0, _greedy(60)))
     d.step(58)
@@ -122,7 +128,7 @@ def test_shrinks_when_the_long_rows_are_gone(gqa, monkeypatch):
 
 
 def test_dca_rows_in_flight_equal_their_single_runs(tiny_bundle_factory):
-    _, gen = load_generator(tiny_bundle_factory("dca")[1])
+    gen = Bundle.open(tiny_bundle_factory("dca")[1]).generator()
     d = Driver(gen, slots=3)
     d.admit(("a", 0, _greedy(40)))
     d.step(7)
@@ -135,6 +141,6 @@ def test_dca_rows_in_flight_equal_their_single_runs(tiny_bundle_factory):
 def test_admitting_more_rows_than_free_slots_is_refused(gqa):
     batch = InFlightBatch(gqa, 1)
     rows = [(k, gqa.new_row(PROMPTS[0], _greedy(2))) for k in "ab"]
-    with pytest.raises(ValueError, match="free slots"):
+    with pytest.raises(InternalError, match="free slots"):
         batch.admit(rows)
     assert len(batch) == 0 and np.isscalar(batch.free) and batch.free == 1

@@ -9,8 +9,7 @@ PROMPTS = [[9707, 11, 1879], [40, 1079, 264, 1273, 315, 279], [151644, 872, 198,
 
 def _gen(tiny_bundle_factory) -> Generator:
     _, bundle_dir = tiny_bundle_factory("gqa")
-    bundle = Bundle.open(bundle_dir)
-    return Generator(bundle.backend("ort"), bundle.tokenizer, bundle.stop_token_ids())
+    return Bundle.open(bundle_dir).generator()
 
 
 def test_per_row_params_equal_single_requests(tiny_bundle_factory):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from qwen2edge import io_spec
-from qwen2edge.runtime import backend as backend_mod
-from qwen2edge.runtime.backend import KVCache, cache_capacity
-from qwen2edge.runtime.bundle import ORT_CACHE, Bundle
-from qwen2edge.runtime.api import load_generator
+from qwen2edge.errors import InternalError
+from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.runtime.generator import Generator
+from qwen2edge.runtime.kv_cache import HostKVCache, cache_capacity
+from qwen2edge.runtime.ort_backend import ORT_CACHE
 from qwen2edge.runtime.sampling import SamplingParams
 
 PROMPTS = [[151644, 872, 198, 9707, 0, 11, 1879, 30], [40, 1079, 264, 1273, 13], [3838]]
@@ -31,7 +31,7 @@ def test_capacity_policy(needed, current, max_len, want):
 
 
 def test_capacity_beyond_max_seq_len_is_refused():
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(InternalError, match="max_seq_len"):
         cache_capacity(97, 64, 96)
 
 
@@ -44,8 +44,12 @@ def _spec(max_len: int, growable: bool = True) -> io_spec.IOSpec:
     return io_spec.IOSpec(fixed, spec.outputs, spec.num_layers, max_len, spec.kv_dtype, spec.dca)
 
 
+def test_bucket_size_is_a_parameter():
+    assert cache_capacity(9, 0, 4096, bucket=8) == 16 and cache_capacity(9, 0, 4096, bucket=64) == 64
+
+
 def test_growth_keeps_written_slots_and_marks_the_arrays_replaced():
-    cache = KVCache(_spec(1000), 2, np.float32, capacity=256)
+    cache = HostKVCache(_spec(1000), 2, capacity=256)
     assert cache.capacity == 256 and cache.arrays["past_key.0"].shape == (2, 2, 256, 4)
     rng = np.random.default_rng(0)
     presents = {n.replace("past_", "present_"): rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
@@ -62,7 +66,7 @@ def test_growth_keeps_written_slots_and_marks_the_arrays_replaced():
 
 
 def test_rows_grow_by_doubling_up_to_the_limit_and_keep_their_contents():
-    cache = KVCache(_spec(64), 1, np.float32, capacity=16)
+    cache = HostKVCache(_spec(64), 1, capacity=16)
     cache.arrays["past_value.1"][0] = 7.0
     assert cache.reserve_rows(1, 16) == 1 and cache.version == 0
     assert cache.reserve_rows(2, 16) == 2 and cache.reserve_rows(3, 16) == 4 and cache.reserve_rows(9, 16) == 9
@@ -72,57 +76,61 @@ def test_rows_grow_by_doubling_up_to_the_limit_and_keep_their_contents():
 
 
 def test_a_schema_1_spec_keeps_a_full_size_cache():
-    cache = KVCache(_spec(64, growable=False), 1, np.float32, capacity=8)
+    cache = HostKVCache(_spec(64, growable=False), 1, capacity=8)
     assert not cache.growable and cache.capacity == 64 and cache.reserve(64) == 64 and cache.version == 0
 
 
-@pytest.fixture
-def small_buckets(monkeypatch):
-    monkeypatch.setattr(backend_mod, "CACHE_BUCKET", 8)
+def test_views_share_rows_and_reset_zeroes_them():
+    cache = HostKVCache(_spec(64), 4, capacity=16)
+    view = cache.view(1, 3)
+    view.arrays["past_key.0"][:] = 5.0
+    assert view.batch == 2 and (cache.arrays["past_key.0"][1:3] == 5.0).all() and not cache.arrays["past_key.0"][0].any()
+    cache.move_row(2, 0)
+    assert (cache.arrays["past_key.0"][0] == 5.0).all()
+    view.reset()
+    assert not cache.arrays["past_key.0"][1:3].any() and (cache.arrays["past_key.0"][0] == 5.0).all()
 
 
 def _recording(gen: Generator) -> list[int]:
-    """Capacities the generator asks for, step by step."""
+    """Cache capacities (slots) the generator's steps run over, step by step."""
     caps: list[int] = []
-    reserve = gen.backend.reserve
+    step = gen.backend.step
 
-    def spy(cache, needed):
-        caps.append(reserve(cache, needed))
-        return caps[-1]
+    def spy(cache, feed, write_pos):
+        caps.append(feed[io_spec.ATTENTION_MASK].shape[1] - feed[io_spec.INPUT_IDS].shape[1])
+        assert caps[-1] == cache.capacity
+        return step(cache, feed, write_pos)
 
-    gen.backend.reserve = spy
+    gen.backend.step = spy
     return caps
 
 
 @pytest.mark.parametrize("variant", ["gqa", "yarn", "mqa_tied"])
-def test_greedy_through_cache_growth_matches_transformers(variant, small_buckets, tiny_bundle_factory,
-                                                          hf_reference_factory):
+def test_greedy_through_cache_growth_matches_transformers(variant, tiny_bundle_factory, hf_reference_factory):
     model_dir, bundle_dir = tiny_bundle_factory(variant)
     ref = hf_reference_factory(model_dir)
-    bundle = Bundle.open(bundle_dir)
-    gen = Generator(bundle.backend("ort"), bundle.tokenizer)
+    gen = Bundle.open(bundle_dir).generator(cache_bucket=8)
     caps = _recording(gen)
     results, _ = gen.generate([PROMPTS[0]], GREEDY_60)
     assert results[0].token_ids == ref.greedy(PROMPTS[0], 60)
     assert caps[0] == 16 and sorted(set(caps)) == [16, 32, 64, 96], sorted(set(caps))  # grew 3 times
 
 
-def test_padded_batch_through_growth_equals_single_requests(small_buckets, tiny_bundle_factory):
+def test_padded_batch_through_growth_equals_single_requests(tiny_bundle_factory):
     _, bundle_dir = tiny_bundle_factory("gqa")
-    _, gen = load_generator(bundle_dir)
+    gen = Bundle.open(bundle_dir).generator(cache_bucket=8)
     batch, _ = gen.generate(PROMPTS, GREEDY_60)
     for prompt, row in zip(PROMPTS, batch):
         single, _ = gen.generate([prompt], GREEDY_60)
         assert row.token_ids == single[0].token_ids and len(row.token_ids) == 60
 
 
-def test_dca_through_growth_equals_a_full_size_cache(tiny_bundle_factory, monkeypatch):
+def test_dca_through_growth_equals_a_full_size_cache(tiny_bundle_factory):
     """DCA's chunk ids are sliced to the cache's capacity each step; 60 tokens cross several chunks."""
     _, bundle_dir = tiny_bundle_factory("dca")
     outs = {}
     for bucket in (8, 1 << 20):  # growing from 8 slots / max_seq_len from the start
-        monkeypatch.setattr(backend_mod, "CACHE_BUCKET", bucket)
-        _, gen = load_generator(bundle_dir)
+        gen = Bundle.open(bundle_dir).generator(cache_bucket=bucket)
         caps = _recording(gen)
         outs[bucket] = gen.generate([PROMPTS[0]], GREEDY_60)[0][0].token_ids
         assert len(set(caps)) == (1 if bucket > 96 else 4)
@@ -140,9 +148,10 @@ def test_a_schema_1_bundle_still_runs(tiny_bundle_factory, tmp_path):
         if t["name"].startswith("past_"):
             t["shape"][2] = manifest["max_seq_len"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    bundle, gen = load_generator(old)
+    bundle = Bundle.open(old)
+    gen = bundle.generator()
     assert not bundle.spec.growable_cache
     caps = _recording(gen)
     got = gen.generate([PROMPTS[1]], GREEDY_60)[0][0].token_ids
     assert set(caps) == {bundle.max_seq_len}
-    assert got == load_generator(bundle_dir)[1].generate([PROMPTS[1]], GREEDY_60)[0][0].token_ids
+    assert got == Bundle.open(bundle_dir).generator().generate([PROMPTS[1]], GREEDY_60)[0][0].token_ids

@@ -5,7 +5,7 @@ import pytest
 
 from qwen2edge import io_spec
 from qwen2edge.errors import BuildError, InferenceError, InputError
-from qwen2edge.runtime.backend import KVCache
+from qwen2edge.runtime.kv_cache import HostKVCache
 from qwen2edge.runtime.trt_backend import kv_copy_plan
 from qwen2edge.trt.device import make_gpu_info
 from qwen2edge.trt.engine_manifest import (GpuInfo, check_engine_matches, engine_manifest, parse_version,
@@ -105,11 +105,11 @@ def test_gpu_info_from_raw_driver_values():
 
 @pytest.mark.parametrize("seq, write_pos", [(5, [0, 0]), (1, [7, 3]), (3, [10, 0])])
 def test_device_cache_copies_match_the_host_cache(seq, write_pos):
-    """Emulate the device-to-device memcpys on byte buffers and compare with the host KVCache."""
+    """Emulate the device-to-device memcpys on byte buffers and compare with the host cache."""
     b, h, length, d = 2, 3, 16, 4
     spec = io_spec.build_io_spec(1, h, d, 10, length, "fp16")
     rng = np.random.default_rng(0)
-    host = KVCache(spec, b, np.float16)
+    host = HostKVCache(spec, b)
     start = rng.standard_normal(host.arrays["past_key.0"].shape).astype(np.float16)
     for arr in host.arrays.values():
         arr[...] = start
@@ -129,3 +129,55 @@ def test_device_cache_copies_match_the_host_cache(seq, write_pos):
 def test_device_cache_write_past_the_end_is_refused():
     with pytest.raises(InferenceError, match="overflows max_seq_len 16"):
         kv_copy_plan(1, 1, 16, 4, 2, 2, [15])
+
+
+class _HostMemory:
+    """Stands in for the TensorRT backend's copy primitives with memmove over host buffers, so the device
+    cache's own pointer arithmetic (row views, row moves, per-row writes) runs for real on the CPU."""
+
+    class Buffer:
+        def __init__(self, arr: np.ndarray):
+            self.arr, self.ptr, self.shape = arr, arr.ctypes.data, arr.shape
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def dtype_of(self, name):
+        return self.spec.tensor(name).dtype
+
+    def copy_d2d(self, dst, src, nbytes):
+        import ctypes
+
+        ctypes.memmove(dst, src, nbytes)
+
+    def zero(self, ptr, nbytes):
+        import ctypes
+
+        ctypes.memset(ptr, 0, nbytes)
+
+
+def test_device_cache_protocol_matches_the_host_cache():
+    from qwen2edge.runtime.trt_backend import DeviceKVCache
+
+    b, h, length, d = 4, 2, 16, 4
+    spec = io_spec.build_io_spec(2, h, d, 10, length, "fp16")
+    mem = _HostMemory(spec)
+    pool = {t.name: np.full((b, h, length, d), np.nan, np.float16) for t in spec.cache_inputs}
+    device = DeviceKVCache(mem, {n: _HostMemory.Buffer(a) for n, a in pool.items()}, 0, b)
+    device.reset()  # zeroes garbage, as a fresh device allocation needs
+    host = HostKVCache(spec, b)
+    rng = np.random.default_rng(1)
+    for cache_pair, seq, pos in ((slice(0, 4), 3, [0, 0, 0, 0]), (slice(1, 3), 1, [3, 5])):
+        dview, hview = device.view(cache_pair.start, cache_pair.stop), host.view(cache_pair.start, cache_pair.stop)
+        assert dview.batch == hview.batch
+        presents = {io_spec.present_name(n): rng.standard_normal((hview.batch, h, seq, d)).astype(np.float16)
+                    for n in hview.arrays}
+        hview.write(presents, np.array(pos))
+        dview.write({k: _HostMemory.Buffer(v) for k, v in presents.items()}, np.array(pos))
+    device.move_row(2, 0)
+    host.move_row(2, 0)
+    device.view(3, 4).reset()
+    host.view(3, 4).reset()
+    for name in pool:
+        np.testing.assert_array_equal(pool[name], host.arrays[name])
+    assert device.reserve(9) == device.fit(1) == length  # a device cache never grows along the sequence

@@ -35,7 +35,6 @@ def test_engine_matches_onnx_runtime(tiny_bundle_factory, tmp_path, dtype):
     import shutil
 
     from qwen2edge.runtime.bundle import Bundle
-    from qwen2edge.runtime.generator import Generator
     from qwen2edge.runtime.sampling import SamplingParams
     from qwen2edge.trt.builder import EngineOptions, build_engine
 
@@ -48,8 +47,8 @@ def test_engine_matches_onnx_runtime(tiny_bundle_factory, tmp_path, dtype):
     ort, trt = b.backend("ort"), b.backend("trt")
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     params = SamplingParams(max_new_tokens=8, stop_token_ids=(-1,))
-    ref, _ = Generator(ort, b.tokenizer).generate(prompts, params)
-    got, _ = Generator(trt, b.tokenizer).generate(prompts, params)
+    ref, _ = b.generator(ort).generate(prompts, params)
+    got, _ = b.generator(trt).generate(prompts, params)
     if dtype == "fp32":  # fp16 kernels differ between ORT CPU and TensorRT: near-ties may flip there
         assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     cache_o, cache_t = ort.new_cache(1), trt.new_cache(1)
