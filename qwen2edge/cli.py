@@ -6,9 +6,7 @@ shows the traceback. Heavy imports (torch, transformers) happen inside the comma
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 import traceback
 from typing import Any, Callable
@@ -16,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .errors import InputError, Qwen2EdgeError
+from .errors import InputError, Qwen2EdgeError, cli_spelling
 
 
 def _fail(message: str, code: int) -> None:
@@ -24,8 +22,17 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# Library option names whose flag is not simply --name-with-dashes.
+CLI_FLAGS = {"stop_strings": "--stop", "model_name": "--served-model-name", "long_prompt_tokens": "--long-prompt-tokens"}
+
+
+def flag(name: str) -> str:
+    """How the command line spells a library option."""
+    return CLI_FLAGS.get(name) or cli_spelling(name)
+
+
 class Qwen2EdgeGroup(click.Group):
-    """Turns library errors into one line on stderr and an exit code."""
+    """Turns library errors into one line on stderr (options spelled as flags) and an exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -33,7 +40,7 @@ class Qwen2EdgeGroup(click.Group):
         except Qwen2EdgeError as exc:
             if ctx.obj and ctx.obj.get("verbose"):
                 traceback.print_exc()
-            _fail(str(exc), exc.exit_code)
+            _fail(exc.render(flag), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was left half-written", 130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
@@ -122,13 +129,14 @@ def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, op
            quantize: str | None, block_size: str, quantize_embeddings: bool, debug_hidden_states: bool,
            **long_context: Any) -> None:
     """Export a Qwen2 checkpoint directory to an ONNX bundle (YaRN / DCA / quantization optional)."""
+    from .config import LongContextOverrides
     from .exporter.export import ExportOptions, export_bundle
     from .exporter.quantize import QuantizeOptions
 
     quant = QuantizeOptions(quantize, int(block_size), quantize_embeddings) if quantize else None
     options = ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset,
                             trt_check=None if trt_check == "none" else trt_check, quantize=quant,
-                            debug_hidden_states=debug_hidden_states, **long_context)
+                            debug_hidden_states=debug_hidden_states, long_context=LongContextOverrides(**long_context))
     export_bundle(model_dir, out_dir, options, progress=progress)
 
 
@@ -280,14 +288,12 @@ def validate(model_dir: str, bundle_dir: str, steps: int, long_prompt_tokens: in
 @click.option("--served-model-name", "model_name", default=None, help="Model id clients send (default: dir name).")
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="Seconds SIGINT/SIGTERM waits for in-flight requests before cancelling them.")
-def serve(bundle_dir: str, backend: str, host: str, port: int, max_concurrency: int, max_batch: int,
-          batching: str, max_queue: int, api_key: str | None, model_name: str | None, shutdown_timeout: float) -> None:
+def serve(bundle_dir: str, **settings: Any) -> None:
     """Serve a bundle over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
     from .serve.server import serve as run
+    from .serve.settings import ServeSettings
 
-    run(bundle_dir, backend=backend, host=host, port=port, max_concurrency=max_concurrency, max_batch=max_batch,
-        max_queue=max_queue, api_key=api_key, model_name=model_name, shutdown_timeout=shutdown_timeout,
-        batching=batching, progress=progress)
+    run(bundle_dir, ServeSettings(**settings), progress=progress)
 
 
 @main.command()

@@ -8,7 +8,6 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import anyio
@@ -16,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InputError
+from ..errors import InputError, field_spelling
 from ..runtime.bundle import Bundle
 from ..runtime.generator import Generator
 from ..runtime.sampling import SamplingParams
@@ -24,22 +23,20 @@ from .metrics import Metrics
 from .responses import ClientGone, Shape, SSEResponse, stream_events, wait_result
 from .schemas import APIError, ChatRequest, CompletionRequest, parse
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+from .settings import ServeSettings
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_BODY_BYTES = 8 * 2**20  # far above any prompt that fits a context; bounds memory per request
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+# Library option names -> the request fields that set them (the rest share their name).
+HTTP_FIELDS = {"max_new_tokens": "max_tokens", "stop_strings": "stop"}
 
 
-@dataclass
-class ServeSettings:
-    """What `qwen2edge serve` was told."""
-
-    model_name: str
-    api_key: str | None = None
-    max_concurrency: int = 8
-    max_batch: int = 8
-    max_queue: int = 64
-    batching: str = "in-flight"  # or "static"
+def input_error(exc: InputError, param: str | None = None) -> APIError:
+    """A library InputError as a 400, worded in request fields rather than CLI flags."""
+    named = exc.options
+    return APIError(400, exc.render(field_spelling(HTTP_FIELDS)),
+                    param=param or (HTTP_FIELDS.get(named[0], named[0]) if named else None), code="invalid_value")
 
 
 class _State:
@@ -82,7 +79,7 @@ class _State:
                                   top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed,
                                   stop_strings=tuple(req.stop or ()))
         except InputError as exc:
-            raise APIError(400, str(exc), code="invalid_value") from None
+            raise input_error(exc) from None
 
     def submit(self, ids: list[int], params: SamplingParams) -> Job:
         job = Job(ids, params, asyncio.get_running_loop())
@@ -103,7 +100,17 @@ def create_app(bundle: Bundle, generator: Generator, settings: ServeSettings,
                on_ready: Callable[[], None] | None = None) -> FastAPI:
     """An ASGI app serving `generator` under the OpenAI API; the scheduler runs for the app's lifespan."""
     state = _State(bundle, generator, settings)
+    app = FastAPI(title="qwen2edge", lifespan=_lifespan(state, on_ready), docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.qwen2edge = state
+    app.add_middleware(_CountRequests, metrics=state.metrics)
+    _add_error_handlers(app)
+    _add_status_routes(app, state)
+    _add_openai_routes(app, state)
+    return app
 
+
+def _lifespan(state: _State, on_ready: Callable[[], None] | None) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.scheduler.start()
@@ -115,9 +122,11 @@ def create_app(bundle: Bundle, generator: Generator, settings: ServeSettings,
             # The HTTP server has drained in-flight requests by now (or given up); cancel the rest.
             await anyio.to_thread.run_sync(state.scheduler.close)
 
-    app = FastAPI(title="qwen2edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.qwen2edge = state
-    app.add_middleware(_CountRequests, metrics=state.metrics)
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's error body."""
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -138,9 +147,13 @@ def create_app(bundle: Bundle, generator: Generator, settings: ServeSettings,
         err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
         return JSONResponse(err.body(), status_code=500)
 
+
+def _add_status_routes(app: FastAPI, state: _State) -> None:
+    """/health, /metrics and the model list."""
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name}
+        return {"status": "ok", "model": state.settings.model_name}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -157,54 +170,60 @@ def create_app(bundle: Bundle, generator: Generator, settings: ServeSettings,
         state.check_model(model)
         return _model_card(state)
 
+
+def _add_openai_routes(app: FastAPI, state: _State) -> None:
+    """/v1/completions and /v1/chat/completions: parse, tokenize, queue, then answer or stream."""
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         state.check_auth(request)
         req: CompletionRequest = parse(CompletionRequest, await _json(request))
         state.check_model(req.model)
-        prompt = req.single_prompt()
-        if isinstance(prompt, str):
-            ids, prompt_text = await anyio.to_thread.run_sync(state.tokenizer.encode, prompt), prompt
-        else:
-            vocab = bundle.config.vocab_size
-            bad = [i for i in prompt if not 0 <= i < vocab]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
-            ids, prompt_text = list(prompt), state.tokenizer.decode(prompt, skip_special_tokens=False)
-        if not ids:
-            raise APIError(400, "prompt encodes to no tokens: give some text", param="prompt")
+        ids, prompt_text = await _completion_prompt(state, req)
         params = state.sampling(req, len(ids), req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
-        job = state.submit(ids, params)
-        shape = Shape("cmpl", "text_completion", settings.model_name, chat=False)
-        echo = prompt_text if req.echo else ""
-        if req.stream:
-            return SSEResponse(stream_events(state.metrics, job, shape, req.include_usage, echo),
-                               media_type="text/event-stream")
-        result = await wait_result(job, request)
-        return shape.full(echo + result.text, result, "/v1/completions", state.metrics, job)
+        shape = Shape("cmpl", "text_completion", state.settings.model_name, chat=False)
+        return await _answer(state, request, state.submit(ids, params), shape, req, prompt_text if req.echo else "")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         state.check_auth(request)
         req: ChatRequest = parse(ChatRequest, await _json(request))
         state.check_model(req.model)
-        messages = req.template_messages()
         try:
-            text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = state.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
         except InputError as exc:
-            raise APIError(400, str(exc), param="messages") from None
+            raise input_error(exc, param="messages") from None
         # Off the event loop: a long prompt must not stall the other clients' streams.
         ids = await anyio.to_thread.run_sync(state.tokenizer.encode, text)
         params = state.sampling(req, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
-        job = state.submit(ids, params)
-        shape = Shape("chatcmpl", "chat.completion", settings.model_name, chat=True)
-        if req.stream:
-            return SSEResponse(stream_events(state.metrics, job, shape, req.include_usage, ""),
-                               media_type="text/event-stream")
-        result = await wait_result(job, request)
-        return shape.full(result.text, result, "/v1/chat/completions", state.metrics, job)
+        shape = Shape("chatcmpl", "chat.completion", state.settings.model_name, chat=True)
+        return await _answer(state, request, state.submit(ids, params), shape, req, "")
 
-    return app
+
+async def _completion_prompt(state: _State, req: CompletionRequest) -> tuple[list[int], str]:
+    """Token ids and text of a completion request's prompt (text is tokenized off the event loop)."""
+    prompt = req.single_prompt()
+    if isinstance(prompt, str):
+        ids, text = await anyio.to_thread.run_sync(state.tokenizer.encode, prompt), prompt
+    else:
+        vocab = state.bundle.config.vocab_size
+        bad = [i for i in prompt if not 0 <= i < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+        ids, text = list(prompt), state.tokenizer.decode(prompt, skip_special_tokens=False)
+    if not ids:
+        raise APIError(400, "prompt encodes to no tokens: give some text", param="prompt")
+    return ids, text
+
+
+async def _answer(state: _State, request: Request, job: Job, shape: Shape, req: Any, echo: str) -> Any:
+    """The stream of chunks, or the whole response once the job is done."""
+    if req.stream:
+        return SSEResponse(stream_events(state.metrics, job, shape, req.include_usage, echo),
+                           media_type="text/event-stream")
+    result = await wait_result(job, request)
+    endpoint = "/v1/chat/completions" if shape.chat else "/v1/completions"
+    return shape.full(echo + result.text, result, endpoint, state.metrics, job)
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import InputError
-from ..runtime.api import load_generator
-from .app import ServeSettings, create_app
+from ..runtime.bundle import Bundle
+from .app import create_app
+from .settings import ServeSettings
 
 
 class _Server:
@@ -40,60 +41,46 @@ class _Server:
         return Server(config)
 
 
-def _validate(host: str, port: int, max_concurrency: int, max_batch: int, max_queue: int,
-              shutdown_timeout: float) -> None:
-    if not 0 <= port <= 65535:
-        raise InputError(f"--port must be in 0..65535, got {port}: pick a free TCP port")
-    for flag, value, low in (("--max-concurrency", max_concurrency, 1), ("--max-batch", max_batch, 1),
-                             ("--max-queue", max_queue, 0)):
-        if value < low:
-            raise InputError(f"{flag} must be >= {low}, got {value}: pass a larger value")
-    if shutdown_timeout < 0:
-        raise InputError(f"--shutdown-timeout must be >= 0, got {shutdown_timeout}: pass seconds to drain")
-    if not host:
-        raise InputError("--host is empty: pass 127.0.0.1 (local only) or 0.0.0.0 (all interfaces)")
-
-
 def _check_port(host: str, port: int) -> None:
     import socket
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise InputError(f"--host {host!r} does not resolve ({exc.strerror}): pass an address such as 127.0.0.1") from None
+        raise InputError(f"{{opt:host}} {host!r} does not resolve ({exc.strerror}): pass an address such as 127.0.0.1") from None
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
             sock.bind(addr)
         except OSError as exc:
-            raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}): free the port or pass --port") from None
+            raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}): free the port or pass another {{opt:port}}") from None
 
 
-def serve(bundle_dir: str | Path, backend: str = "ort", host: str = "127.0.0.1", port: int = 8000,
-          max_concurrency: int = 8, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
-          model_name: str | None = None, shutdown_timeout: float = 30.0, batching: str = "in-flight",
+def serve(bundle_dir: str | Path, settings: ServeSettings = ServeSettings(),
           progress: Callable[[str], None] = lambda msg: None) -> None:
-    """Serve a bundle under the OpenAI API until SIGINT/SIGTERM; then drain for up to `shutdown_timeout`
-    seconds, cancel what is left, and return."""
-    _validate(host, port, max_concurrency, max_batch, max_queue, shutdown_timeout)
+    """Serve a bundle under the OpenAI API until SIGINT/SIGTERM; then drain for up to
+    `settings.shutdown_timeout` seconds, cancel what is left, and return."""
+    settings.check()
     try:
         import uvicorn
     except ImportError:
         raise InputError("serving needs FastAPI and uvicorn: pip install 'qwen2edge[serve]'") from None
-    _check_port(host, port)  # before loading the model, and as one line rather than uvicorn's sys.exit
-    bundle, generator = load_generator(bundle_dir, backend)
-    name = model_name or Path(bundle_dir).resolve().name
-    settings = ServeSettings(model_name=name, api_key=api_key or None, max_concurrency=max_concurrency,
-                             max_batch=max_batch, max_queue=max_queue, batching=batching)
-    app = create_app(bundle, generator, settings, on_ready=lambda: progress(
-        f"serving {name!r} ({backend}, max_seq_len {bundle.max_seq_len}) at http://{host}:{port}/v1 "
-        f"- {state.scheduler.workers} worker(s) x batch {state.scheduler.max_batch} "
-        f"({'in-flight' if state.scheduler.in_flight else 'static'}), queue {max_queue}"
-        f"{', API key required' if api_key else ''}; Ctrl-C drains and stops"))
-    state = app.state.qwen2edge
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
-    server = _Server(config)
-    server.run()
+    _check_port(settings.host, settings.port)  # before loading the model, and as one line rather than uvicorn's exit
+    bundle = Bundle.open(bundle_dir)
+    generator = bundle.generator(settings.backend)
+    settings = settings.replace(model_name=settings.model_name or Path(bundle_dir).resolve().name,
+                                api_key=settings.api_key or None)
+    app = create_app(bundle, generator, settings, on_ready=lambda: progress(_banner(app.state.qwen2edge, settings)))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=settings.shutdown_timeout, lifespan="on")
+    _Server(config).run()
     progress("server stopped")
+
+
+def _banner(state, settings: ServeSettings) -> str:
+    sched = state.scheduler
+    return (f"serving {settings.model_name!r} ({settings.backend}, max_seq_len {state.bundle.max_seq_len}) at "
+            f"http://{settings.host}:{settings.port}/v1 - {sched.workers} worker(s) x batch {sched.max_batch} "
+            f"({'in-flight' if sched.in_flight else 'static'}), queue {settings.max_queue}"
+            f"{', API key required' if settings.api_key else ''}; Ctrl-C drains and stops")

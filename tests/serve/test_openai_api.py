@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from qwen2edge.runtime.api import load_generator
+from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.runtime.sampling import SamplingParams
 
 from .conftest import API_KEY
@@ -20,7 +20,8 @@ def client(tiny_server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def local(tiny_bundle_factory):
     """The same bundle run in-process by the library: what the server must reproduce."""
-    return load_generator(tiny_bundle_factory("gqa")[1])
+    bundle = Bundle.open(tiny_bundle_factory("gqa")[1])
+    return bundle, bundle.generator()
 
 
 def _local_text(local, ids, max_tokens, **kw):

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from qwen2edge.runtime.api import load_generator
+from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.runtime.sampling import SamplingParams
 from qwen2edge.serve.scheduler import Job, Scheduler
 
@@ -38,7 +38,7 @@ async def _outcome(job: Job) -> str:
 
 @pytest.mark.parametrize("in_flight", [True, False])
 def test_a_failing_step_fails_its_requests_and_the_worker_goes_on(in_flight, tiny_bundle_factory):
-    _, gen = load_generator(tiny_bundle_factory("gqa")[1])
+    gen = Bundle.open(tiny_bundle_factory("gqa")[1]).generator()
     FailOnce(gen.backend, fail_at=5)  # prefill + a few decode steps of the first two requests
     sched = Scheduler(gen, max_concurrency=4, max_batch=4, batch_wait_s=0.05, in_flight=in_flight)
     sched.start()

@@ -1,0 +1,46 @@
+"""Every `qwen2edge serve` option in one frozen object (importable without FastAPI)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+BATCHING = ("in-flight", "static")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What the server was told; `check()` refuses bad values in one line, naming the option."""
+
+    model_name: str | None = None  # the id clients send; None: the bundle directory's name
+    backend: str = "ort"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_concurrency: int = 8  # requests generating at once
+    max_batch: int = 8  # rows per backend batch
+    max_queue: int = 64  # requests waiting for a slot before 429
+    batching: str = "in-flight"  # or "static"
+    api_key: str | None = None  # required as a Bearer token on /v1 when set
+    shutdown_timeout: float = 30.0  # seconds a SIGINT/SIGTERM drain waits before cancelling
+
+    def check(self) -> "ServeSettings":
+        """Raise InputError for the first bad value; returns self."""
+        if not 0 <= self.port <= 65535:
+            raise InputError(f"{{opt:port}} must be in 0..65535, got {self.port}: pick a free TCP port")
+        for name, low in (("max_concurrency", 1), ("max_batch", 1), ("max_queue", 0)):
+            value = getattr(self, name)
+            if value < low:
+                raise InputError(f"{{opt:{name}}} must be >= {low}, got {value}: pass a larger value")
+        if self.shutdown_timeout < 0:
+            raise InputError(f"{{opt:shutdown_timeout}} must be >= 0, got {self.shutdown_timeout}: pass seconds to "
+                             "drain")
+        if not self.host:
+            raise InputError("{opt:host} is empty: pass 127.0.0.1 (local only) or 0.0.0.0 (all interfaces)")
+        if self.batching not in BATCHING:
+            raise InputError(f"unknown batching {self.batching!r}: set {{opt:batching}} to {' or '.join(BATCHING)}")
+        return self
+
+    def replace(self, **changes: object) -> "ServeSettings":
+        return dataclasses.replace(self, **changes)
