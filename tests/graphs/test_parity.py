@@ -37,12 +37,19 @@ def test_32_greedy_tokens_identical(variant, tiny_bundle_factory, hf_reference_f
         assert results[0].token_ids == ref.greedy(prompt, 32)
 
 
-def test_padded_batch_equals_single_requests(tiny_bundle_factory):
-    _, bundle_dir = tiny_bundle_factory("gqa")
+DCA_IDS = [int(x) for x in np.random.default_rng(7).integers(0, 151000, size=35)]
+
+
+@pytest.mark.parametrize("variant, prompts, new_tokens", [
+    ("gqa", PROMPTS, 16),
+    ("dca", [DCA_IDS[:30], DCA_IDS[30:35]], 20),  # rows in different DCA chunks (period 12)
+])
+def test_padded_batch_equals_single_requests(variant, prompts, new_tokens, tiny_bundle_factory):
+    _, bundle_dir = tiny_bundle_factory(variant)
     gen = Bundle.open(bundle_dir).generator()
-    params = SamplingParams(max_new_tokens=16, stop_token_ids=(-1,))
-    batch, _ = gen.generate(PROMPTS, params)
-    for prompt, row in zip(PROMPTS, batch):
+    params = SamplingParams(max_new_tokens=new_tokens, stop_token_ids=(-1,))
+    batch, _ = gen.generate(prompts, params)
+    for prompt, row in zip(prompts, batch):
         single, _ = gen.generate([prompt], params)
         assert row.token_ids == single[0].token_ids
 
