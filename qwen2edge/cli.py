@@ -296,6 +296,34 @@ def serve(bundle_dir: str, **settings: Any) -> None:
     run(bundle_dir, ServeSettings(**settings), progress=progress)
 
 
+@main.command("triton-repo")
+@click.argument("bundle_dir", type=click.Path(path_type=str))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=str),
+              help="Model repository directory (tritonserver --model-repository).")
+@click.option("--name", default="qwen2edge", show_default=True, help="Triton model name.")
+@click.option("--instances", type=int, default=1, show_default=True,
+              help="Model instances (each a process with its own copy of the model).")
+@backend_option
+@click.option("--max-batch", type=int, default=None,
+              help="Requests one instance batches at once; more wait in Triton's queue for a free instance "
+                   "[default: 8; TensorRT: the engine's max batch].")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="ONNX Runtime threads per instance; 0 = every core.")
+@click.option("--streaming/--no-streaming", default=True, show_default=True,
+              help="Decoupled model: /generate_stream and gRPC streaming, but Triton refuses plain /infer for it. "
+                   "--no-streaming: one response per request, /infer over HTTP and gRPC (KServe v2) works.")
+@click.option("--python-path", default=None,
+              help="Directories (os.pathsep-separated) model.py adds to sys.path to import qwen2edge; '' for "
+                   "none (qwen2edge installed in Triton's Python). [default: this environment's site-packages]")
+@click.option("--copy-bundle", is_flag=True, help="Copy the bundle into the repository (self-contained, e.g. "
+              "for object storage) instead of recording its path.")
+def triton_repo(bundle_dir: str, out_dir: str, **options: Any) -> None:
+    """Write a Triton Inference Server model repository serving BUNDLE_DIR (see docs/triton.md)."""
+    from .triton.repo import RepoOptions, write_triton_repo
+
+    write_triton_repo(bundle_dir, out_dir, RepoOptions(**options), progress=progress)
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.argument("bundle_dir", metavar="OUT_DIR", type=click.Path(path_type=str))

@@ -1,0 +1,98 @@
+"""`qwen2edge triton-repo`: the repository it writes, and what it refuses (one-line errors, nothing clobbered)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ..test_cli import assert_one_line_error, run_cli
+from .conftest import write_repo
+from qwen2edge.errors import BundleError, InputError
+from qwen2edge.manifest import read_manifest
+from qwen2edge.triton import repo as repo_module
+from qwen2edge.triton.config import ModelSettings
+
+
+def parameters(config: str) -> dict[str, str]:
+    out = {}
+    for line in config.splitlines():
+        if line.startswith("parameters:"):
+            key = line.split('key: "', 1)[1].split('"', 1)[0]
+            out[key] = json.loads(line.split("string_value: ", 1)[1].rsplit(" } }", 1)[0])
+    return out
+
+
+def test_writes_config_model_and_manifest(tiny_bundle_factory, tmp_path):
+    _, bundle = tiny_bundle_factory("gqa")
+    repo = write_repo(bundle, tmp_path / "repo", "--name", "m", "--instances", "3", "--max-batch", "5")
+    config = (repo / "m" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "model_transaction_policy { decoupled: true }" in config
+    assert "instance_group [ { count: 3 kind: KIND_CPU } ]" in config
+    params = parameters(config)
+    settings = ModelSettings.from_parameters(params)
+    assert settings == ModelSettings(bundle=str(bundle.resolve()), max_batch=5)
+    # By default model.py finds this qwen2edge (the checkout or site-packages that holds it).
+    assert str(Path(repo_module.__file__).resolve().parents[2]) in params["python_path"].split(":")
+    template = Path(repo_module.__file__).with_name("model.py")
+    assert (repo / "m" / "1" / "model.py").read_bytes() == template.read_bytes()
+    manifest = read_manifest(repo)  # checksums of everything written
+    assert manifest["kind"] == "qwen2edge-triton-repo" and set(manifest["files"]) == {"m/config.pbtxt", "m/1/model.py"}
+
+
+def test_copy_bundle_makes_a_self_contained_repository(tiny_bundle_factory, tmp_path):
+    _, bundle = tiny_bundle_factory("gqa")
+    repo = write_repo(bundle, tmp_path / "repo", "--copy-bundle", "--python-path", "")
+    params = parameters((repo / "qwen2edge" / "config.pbtxt").read_text())
+    assert params["qwen2edge_bundle"] == "bundle" and params["python_path"] == ""
+    copy = repo / "qwen2edge" / "1" / "bundle"
+    assert read_manifest(copy)["files"] == read_manifest(bundle)["files"]
+
+
+def test_rewrites_its_own_repository_but_nothing_else(tiny_bundle_factory, tmp_path):
+    _, bundle = tiny_bundle_factory("gqa")
+    repo = write_repo(bundle, tmp_path / "repo", "--instances", "1")
+    (repo / "qwen2edge" / "1" / "__pycache__").mkdir()  # written by Triton at run time: fine
+    (repo / "qwen2edge" / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"x")
+    write_repo(bundle, repo, "--instances", "2")
+    assert "count: 2" in (repo / "qwen2edge" / "config.pbtxt").read_text()
+
+    (repo / "other_model").mkdir()  # someone added a model of their own: never delete it
+    (repo / "other_model" / "config.pbtxt").write_text("name: 'other'\n")
+    proc = run_cli("triton-repo", str(bundle), "-o", str(repo))
+    assert_one_line_error(proc, InputError.exit_code, "holds other_model/config.pbtxt, which `qwen2edge triton-repo` "
+                                                      "did not write")
+    assert (repo / "other_model" / "config.pbtxt").is_file()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    proc = run_cli("triton-repo", str(bundle), "-o", str(foreign))
+    assert_one_line_error(proc, InputError.exit_code, "is not empty and was not written by `qwen2edge triton-repo`")
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_refuses_a_bundle_failing_its_checksums(tiny_bundle_factory, tmp_path):
+    _, bundle = tiny_bundle_factory("gqa")
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "tokenizer.json").write_text((broken / "tokenizer.json").read_text().replace('"', "'", 1))
+    proc = run_cli("triton-repo", str(broken), "-o", str(tmp_path / "repo"), block_torch=True)
+    assert_one_line_error(proc, BundleError.exit_code, "tokenizer.json fails its manifest checksum")
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--backend", "trt"], "--backend trt needs a TensorRT engine"),
+    (["--name", "bad/name"], "--name 'bad/name' is not a valid Triton model name"),
+    (["--instances", "0"], "--instances must be at least 1"),
+    (["--max-batch", "0"], "--max-batch must be at least 1"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+])
+def test_bad_options_are_one_line_errors(args, needle, tiny_bundle_factory, tmp_path):
+    _, bundle = tiny_bundle_factory("gqa")
+    proc = run_cli("triton-repo", str(bundle), "-o", str(tmp_path / "repo"), *args, block_torch=True)
+    assert_one_line_error(proc, InputError.exit_code, needle)
+    assert not (tmp_path / "repo").exists()
