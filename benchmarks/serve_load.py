@@ -23,7 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import httpx
 
@@ -40,7 +42,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def one_request(http: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int) -> dict:
+async def one_request(http: httpx.AsyncClient, i: int, url: str, model: str, max_tokens: int) -> dict:
+    """One streaming chat request to `qwen2edge serve`: latency, time to first token, completion tokens."""
     body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -59,7 +62,11 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, i: int, max
     return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": tokens}
 
 
-async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+Send = Callable[[httpx.AsyncClient, int], Awaitable[dict]]  # (client, request index) -> latency, ttft, tokens
+
+
+async def run_level(send: Send, concurrency: int, requests: int) -> dict:
+    """`requests` requests from `concurrency` clients, each sending its next one when the last is done."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)
@@ -67,7 +74,7 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
 
     async def client(http: httpx.AsyncClient) -> None:
         while not queue.empty():
-            results.append(await one_request(http, url, model, queue.get_nowait(), max_tokens))
+            results.append(await send(http, queue.get_nowait()))
 
     limits = httpx.Limits(max_connections=concurrency + 1)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as http:
@@ -125,10 +132,11 @@ def main() -> None:
             print(f"starting a server with --batching {mode}", file=sys.stderr)
             proc = start_server(args.bundle, args.port, args.max_concurrency, args.max_batch, mode)
             url, model = f"http://127.0.0.1:{args.port}", "bench"
+        send = partial(one_request, url=url, model=model, max_tokens=args.max_tokens)
         try:
-            asyncio.run(run_level(url, model, 1, 1, args.max_tokens))  # warm-up: sessions, allocator, caches
+            asyncio.run(run_level(send, 1, 1))  # warm-up: sessions, allocator, caches
             for c in (int(x) for x in args.levels.split(",")):
-                row = asyncio.run(run_level(url, model, c, max(4, c * args.requests_per_client), args.max_tokens))
+                row = asyncio.run(run_level(send, c, max(4, c * args.requests_per_client)))
                 rows.append({"mode": mode, **row})
                 print(f"  {mode}, concurrency {c}: done in {row['wall_s']:.1f} s", file=sys.stderr)
         finally:
