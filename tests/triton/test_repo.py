@@ -11,7 +11,7 @@ import pytest
 from ..test_cli import assert_one_line_error, run_cli
 from .conftest import write_repo
 from qwen2edge.errors import BundleError, InputError
-from qwen2edge.manifest import read_manifest
+from qwen2edge.manifest import read_manifest, write_manifest
 from qwen2edge.triton import repo as repo_module
 from qwen2edge.triton.config import ModelSettings
 
@@ -96,3 +96,22 @@ def test_bad_options_are_one_line_errors(args, needle, tiny_bundle_factory, tmp_
     proc = run_cli("triton-repo", str(bundle), "-o", str(tmp_path / "repo"), *args, block_torch=True)
     assert_one_line_error(proc, InputError.exit_code, needle)
     assert not (tmp_path / "repo").exists()
+
+
+def test_tensorrt_repository_takes_the_engine_s_batch_and_gpu_instances(tiny_bundle_factory, tmp_path):
+    """No TensorRT needed to write it (running it is untested on TensorRT): the engine's manifest gives the
+    batch limit, instances are KIND_GPU, and --copy-bundle carries the engine along."""
+    _, bundle = tiny_bundle_factory("gqa")
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    (copy / "engine").mkdir()
+    (copy / "engine" / "model.plan").write_bytes(b"plan")
+    write_manifest(copy / "engine", {"kind": "tensorrt-engine", "limits": {"max_batch": 4}})
+    repo = write_repo(copy, tmp_path / "repo", "--backend", "trt", "--copy-bundle")
+    config = (repo / "qwen2edge" / "config.pbtxt").read_text()
+    assert "kind: KIND_GPU" in config
+    settings = ModelSettings.from_parameters(parameters(config))
+    assert (settings.backend, settings.max_batch) == ("trt", 4)
+    assert (repo / "qwen2edge" / "1" / "bundle" / "engine" / "model.plan").read_bytes() == b"plan"
+    proc = run_cli("triton-repo", str(copy), "-o", str(tmp_path / "repo2"), "--backend", "trt", "--max-batch", "6")
+    assert_one_line_error(proc, InputError.exit_code, "--max-batch 6 exceeds the engine's max batch 4")
