@@ -25,7 +25,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import httpx
 
@@ -42,23 +42,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
+async def sse_events(http: httpx.AsyncClient, url: str, body: dict) -> AsyncIterator[dict]:
+    """The JSON events of one server-sent-event response to POST `body` (an HTTP error raises)."""
+    async with http.stream("POST", url, json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:200]}")
+        async for line in resp.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
 async def one_request(http: httpx.AsyncClient, i: int, url: str, model: str, max_tokens: int) -> dict:
     """One streaming chat request to `qwen2edge serve`: latency, time to first token, completion tokens."""
     body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, tokens = None, 0
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:200]}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            elif ttft is None and event["choices"] and event["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - t0
+    async for event in sse_events(http, f"{url}/v1/chat/completions", body):
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        elif ttft is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+            ttft = time.perf_counter() - t0
     return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": tokens}
 
 

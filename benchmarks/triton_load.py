@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from serve_load import DEMO_BUNDLE, QUESTIONS, one_request, run_level, start_server
+from serve_load import DEMO_BUNDLE, QUESTIONS, one_request, run_level, sse_events, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,19 +46,13 @@ async def triton_request(http: httpx.AsyncClient, i: int, url: str, model: str, 
     body = {"text_input": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": 0, "stream": True}
     t0 = time.perf_counter()
     ttft, tokens = None, 0
-    async with http.stream("POST", f"{url}/v2/models/{model}/generate_stream", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:200]}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            if ttft is None and event.get("text_output"):
-                ttft = time.perf_counter() - t0
-            ids = event.get("output_ids", [])
-            tokens += len(ids) if isinstance(ids, list) else 1  # the generate endpoint unwraps one id
+    async for event in sse_events(http, f"{url}/v2/models/{model}/generate_stream", body):
+        if "error" in event:
+            raise RuntimeError(event["error"])
+        if ttft is None and event.get("text_output"):
+            ttft = time.perf_counter() - t0
+        ids = event.get("output_ids", [])
+        tokens += len(ids) if isinstance(ids, list) else 1  # the generate endpoint unwraps one id
     return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": tokens}
 
 
