@@ -45,9 +45,10 @@ def triton_bundle(tiny_bundle_factory) -> Path:
     return tiny_bundle_factory("gqa")[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def triton_server(triton_install, triton_bundle, tmp_path_factory):
-    """One server over two repositories: STREAMING and PAIR. Stops cleanly (exit 0) at the end."""
+    """One server over two repositories, STREAMING and PAIR, for test_server.py (module scope: stopped as soon
+    as that module is done, not at the end of the suite). Must stop cleanly (exit 0)."""
     root = tmp_path_factory.mktemp("triton")
     one = write_repo(triton_bundle, root / "repo-streaming", "--name", STREAMING, "--max-batch", "4")
     two = write_repo(triton_bundle, root / "repo-pair", "--name", PAIR, "--instances", "2", "--max-batch", "4",
