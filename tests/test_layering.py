@@ -11,7 +11,7 @@ import pytest
 import qwen2edge
 
 PACKAGE = Path(qwen2edge.__file__).parent
-EDGE = ("runtime", "serve")  # what a device without torch runs
+EDGE = ("runtime", "serve", "triton")  # what a device without torch runs (triton: inside Triton's Python)
 EXPORT_SIDE = ("qwen2edge.graphs", "qwen2edge.exporter", "qwen2edge.validation", "torch", "transformers")
 MAX_LINES = 500
 

@@ -30,11 +30,11 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise InputError(f"unknown backend {self.backend!r}: pass --backend {' or '.join(BACKENDS)}")
+            raise InputError(f"unknown backend {self.backend!r}: set {{opt:backend}} to {' or '.join(BACKENDS)}")
         if self.max_batch < 1:
-            raise InputError(f"--max-batch must be at least 1, got {self.max_batch}: pass e.g. --max-batch 8")
+            raise InputError(f"{{opt:max_batch}} must be at least 1, got {self.max_batch}: e.g. 8")
         if self.threads < 0:
-            raise InputError(f"--threads must be >= 0, got {self.threads}: pass 0 for every core")
+            raise InputError(f"{{opt:threads}} must be >= 0, got {self.threads}: 0 means every core")
 
     def to_parameters(self) -> dict[str, str]:
         return {f"qwen2edge_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}

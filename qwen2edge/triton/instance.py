@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputError
-from ..runtime.api import load_generator
+from ..errors import InputError, field_spelling
+from ..runtime.bundle import Bundle
 from ..runtime.generator import Generation
 from ..serve.scheduler import Job, Scheduler, ShuttingDown
 from .config import ModelSettings
-from .protocol import INPUTS, RequestError, parse_request
+from .protocol import INPUTS, TRITON_FIELDS, RequestError, parse_request
 
 CANCEL_POLL_S = 0.2  # how often a generating request asks Triton whether its client cancelled
 UNLOADING = "the model is being unloaded: retry on another instance or server"
@@ -69,7 +69,7 @@ class TritonJob(Job):
         if isinstance(exc, ShuttingDown):
             send_error(self.pb, self.sender, UNLOADING, "UNAVAILABLE")
         elif isinstance(exc, InputError):
-            send_error(self.pb, self.sender, str(exc), "INVALID_ARG")
+            send_error(self.pb, self.sender, exc.render(field_spelling(TRITON_FIELDS)), "INVALID_ARG")
         else:
             send_error(self.pb, self.sender, f"generation failed: {exc}", "INTERNAL")
 
@@ -121,7 +121,8 @@ class ModelInstance:
         if not bundle_dir.is_absolute():
             bundle_dir = Path(version_dir) / bundle_dir
         options = {"threads": settings.threads} if settings.backend == "ort" and settings.threads else {}
-        self.bundle, generator = load_generator(bundle_dir, settings.backend, **options)
+        self.bundle = Bundle.open(bundle_dir)  # verifies every file's checksum
+        generator = self.bundle.generator(settings.backend, **options)
         self.max_seq_len = self.bundle.max_seq_len
         self.streaming = settings.streaming
         # One worker, max_batch rows; the room semaphore keeps it from holding more requests than rows.
@@ -138,8 +139,11 @@ class ModelInstance:
                 if parsed.stream and not self.streaming:
                     raise RequestError("input 'stream' is true, but this model answers each request once (written "
                                        "with --no-streaming): send stream false, or use a streaming model")
-            except (RequestError, InputError) as exc:
+            except RequestError as exc:
                 send_error(self.pb, sender, str(exc), "INVALID_ARG")
+                continue
+            except InputError as exc:
+                send_error(self.pb, sender, exc.render(field_spelling(TRITON_FIELDS)), "INVALID_ARG")
                 continue
             except Exception as exc:  # a bug must fail this request, never the instance
                 send_error(self.pb, sender, f"internal error: {type(exc).__name__}: {exc}", "INTERNAL")

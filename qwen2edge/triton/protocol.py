@@ -16,6 +16,8 @@ import numpy as np
 from ..runtime.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 128  # when a request gives no max_tokens (capped to the rest of the context)
+# Library option names (errors' {opt:...}) whose input tensor is named differently.
+TRITON_FIELDS = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "prompt": "text_input"}
 
 
 @dataclass(frozen=True)

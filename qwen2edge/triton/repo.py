@@ -53,10 +53,10 @@ class RepoOptions:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
-            raise InputError(f"--name {self.name!r} is not a valid Triton model name: use letters, digits, "
-                             "'_', '-' and '.', e.g. --name qwen2edge")
+            raise InputError(f"{{opt:name}} {self.name!r} is not a valid Triton model name: use letters, digits, "
+                             "'_', '-' and '.', e.g. qwen2edge")
         if self.instances < 1:
-            raise InputError(f"--instances must be at least 1, got {self.instances}: pass e.g. --instances 2")
+            raise InputError(f"{{opt:instances}} must be at least 1, got {self.instances}: e.g. 2")
 
 
 def default_python_path() -> str:
@@ -105,12 +105,12 @@ def _max_batch(bundle: Bundle, options: RepoOptions) -> int:
         return DEFAULT_MAX_BATCH if options.max_batch is None else options.max_batch
     engine = bundle.path / ENGINE_DIR
     if not (engine / MANIFEST).is_file():
-        raise InputError(f"--backend trt needs a TensorRT engine in {engine}: run `qwen2edge build-engine "
+        raise InputError(f"{{opt:backend}} trt needs a TensorRT engine in {engine}: run `qwen2edge build-engine "
                          f"{bundle.path}` on the serving GPU first")
     engine_max = int(read_manifest(engine, verify=False).get("limits", {}).get("max_batch", 1))
     if options.max_batch is not None and options.max_batch > engine_max:
-        raise InputError(f"--max-batch {options.max_batch} exceeds the engine's max batch {engine_max}: pass "
-                         f"--max-batch {engine_max} or rebuild the engine with a larger --max-batch")
+        raise InputError(f"{{opt:max_batch}} {options.max_batch} exceeds the engine's max batch {engine_max}: use "
+                         f"{engine_max} or rebuild the engine with a larger {{opt:max_batch}}")
     return engine_max if options.max_batch is None else options.max_batch
 
 
@@ -119,7 +119,7 @@ def _check_replaceable(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory: choose another -o")
+        raise InputError(f"{out} exists and is not a directory: choose another {{opt:output}}")
     if not any(out.iterdir()):
         return
     try:
@@ -128,18 +128,18 @@ def _check_replaceable(out: Path) -> None:
         manifest = {}
     if manifest.get("kind") != REPO_KIND:
         raise InputError(f"{out} is not empty and was not written by `qwen2edge triton-repo`: choose an empty "
-                         "or new directory for -o")
+                         "or new directory for {opt:output}")
     listed = set(manifest.get("files", {})) | {MANIFEST}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out)
         if p.is_file() and rel.as_posix() not in listed and not set(rel.parts) & set(RUNTIME_DIRS):
             raise InputError(f"{out} holds {rel.as_posix()}, which `qwen2edge triton-repo` did not write: move it "
-                             "out or choose another -o (the whole repository is replaced)")
+                             "out or choose another {opt:output} (the whole repository is replaced)")
 
 
 def _copy_bundle(bundle: Bundle, dest: Path, with_engine: bool) -> None:
     """The bundle's listed files and manifest (its engine too, for TensorRT), re-verified after the copy."""
-    names = [*bundle.manifest.get("files", {}), MANIFEST]
+    names = [*bundle.manifest.files, MANIFEST]
     if with_engine:
         engine = bundle.path / ENGINE_DIR
         names += [p.relative_to(bundle.path).as_posix() for p in sorted(engine.rglob("*")) if p.is_file()]

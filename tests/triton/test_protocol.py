@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -84,7 +81,7 @@ def test_settings_travel_through_the_config_parameters():
         ModelSettings.from_parameters({"qwen2edge_bundle": "b", "qwen2edge_max_batch": "x"})
     with pytest.raises(InputError, match="no qwen2edge_bundle parameter"):
         ModelSettings.from_parameters({})
-    with pytest.raises(InputError, match="--max-batch must be at least 1"):
+    with pytest.raises(InputError, match="max_batch must be at least 1"):
         ModelSettings(bundle="b", max_batch=0)
 
 
@@ -96,12 +93,3 @@ def test_config_declares_every_input_the_backend_kind_and_the_policy():
     assert "model_transaction_policy { decoupled: false }" in text_
     assert 'string_value: "/a \\"q\\"/b"' in text_  # quoted as protobuf text format reads it
 
-
-def test_what_model_py_imports_is_torch_free():
-    """Triton's Python runs model.py -> qwen2edge.triton.instance: no torch or transformers on that path."""
-    code = ("import sys\n"
-            "sys.modules['torch'] = sys.modules['transformers'] = None\n"
-            "import qwen2edge.triton.instance, qwen2edge.triton.config\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') and sys.modules[m]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from .conftest import (MAX_TOKENS, alive, PAIR, PROMPT, STREAMING, as_list, generate, generate_stream, grpc_inputs,
                        grpc_stream, stubs, write_repo)
-from qwen2edge.runtime.api import load_generator
+from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.runtime.sampling import SamplingParams
 from qwen2edge.triton.local import TritonServer, TritonUnavailable
 from qwen2edge.triton.protocol import INPUTS, OUTPUTS
@@ -88,7 +88,8 @@ def test_concurrent_clients_get_their_own_results(triton_server, triton_bundle):
     alone."""
     cases = [({"text_input": f"Question {i}: what is {i} plus {i}?", "max_tokens": 8 + 3 * i} |
               ({"temperature": 0.8, "top_k": 50, "seed": i} if i % 2 else {})) for i in range(8)]
-    bundle, gen = load_generator(triton_bundle)
+    bundle = Bundle.open(triton_bundle)
+    gen = bundle.generator()
     expected = []
     for case in cases:
         params = SamplingParams(max_new_tokens=case["max_tokens"], temperature=case.get("temperature", 0.0),
