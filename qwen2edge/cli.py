@@ -51,7 +51,8 @@ class Qwen2EdgeGroup(click.Group):
             _fail(f"{type(exc).__name__}: {exc} (re-run with --verbose for the traceback and report it)", 1)
 
 
-TRT_TARGETS = ["trt-10.3", "trt-10", "trt-11"]  # = qwen2edge.trt.support_matrix.TARGETS (tested)
+TRT_TARGETS = ["trt-10.3", "trt-10.13", "trt-10", "trt-11", "jetpack-6", "jetpack-7.0", "jetpack-7.2"]
+# = qwen2edge.trt.support_matrix.TARGETS (tested); spelled out so `--help` needs no import
 
 
 def progress(message: str) -> None:

@@ -1,10 +1,12 @@
 """Our own encoding of the onnx-tensorrt parser's support matrix, per TensorRT target.
 
-Source: onnx/onnx-tensorrt docs/operators.md and docs/Changelog.md of the 10.x/11.x releases
-(opset ranges, per-operator element types, "must be an initializer/constant" restrictions, ops
-added per release). Operators are grouped by the element types they accept; a graph op not in
-`supported` is reported as unsupported. Keep this table small and explicit: when a TensorRT
-release changes a rule, add a Target field rather than special-casing in the linter.
+Sources: onnx/onnx-tensorrt docs/operators.md (opset ranges, per-operator element types, "must be an
+initializer/constant" restrictions) and NVIDIA/TensorRT CHANGELOG.md (ops the parser gained per 10.x
+release). Each table is computed from a (major, minor) TensorRT version; JetPack targets use the
+TensorRT their JetPack ships (JETPACK_TENSORRT, sourced and dated below). Operators are grouped by
+the element types they accept; a graph op not in `supported` is reported as unsupported. Keep this
+table small and explicit: when a TensorRT release changes a rule, add a Target field rather than
+special-casing in the linter.
 """
 
 from __future__ import annotations
@@ -46,23 +48,38 @@ SequenceErase SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss 
 TfIdfVectorizer Unique ImageDecoder RegexFullMatch AffineGrid Col2Im CenterCropPad MelWeightMatrix
 Bernoulli""".split())
 
-# Added in later 10.x releases (10.15 LLM ops; windows/STFT later in 10.x): not in 10.3.
-_LATE_FLOAT_OPS = "RMSNormalization RotaryEmbedding Attention BlackmanWindow HammingWindow HannWindow STFT".split()
-_LATE_ANY_OPS = ["TensorScatter"]
+# Ops and operand types the parser gained within 10.x, from NVIDIA/TensorRT CHANGELOG.md ("Parser changes";
+# read at the v11.1 tag, checked 2026-12-02): window ops 10.4, real STFT 10.5, integer-typed Pow base 10.12
+# (integer exponents came in 10.8), Attention 10.14, RotaryEmbedding / RMSNormalization / TensorScatter 10.15.
+_ADDED_FLOAT_OPS = {(10, 4): ["BlackmanWindow", "HammingWindow", "HannWindow"], (10, 5): ["STFT"],
+                    (10, 14): ["Attention"], (10, 15): ["RotaryEmbedding", "RMSNormalization"]}
+_ADDED_ANY_OPS = {(10, 15): ["TensorScatter"]}
+_INT_POW = (10, 12)
 
 
-def _table(late: bool) -> dict[str, frozenset[str]]:
+def _table(version: tuple[int, int]) -> dict[str, frozenset[str]]:
+    """The op -> element types table of the parser in TensorRT `version` (major, minor)."""
     t: dict[str, frozenset[str]] = {}
     t.update({op: FLOAT for op in _FLOAT_OPS})
     t.update({op: NUM for op in _NUM_OPS})
     t.update({op: ANY for op in _ANY_OPS})
     t.update({op: BOOL for op in _BOOL_OPS})
     t.update({op: frozenset({"int8", "float8e4m3fn", "int4", "float4e2m1"}) for op in _QDQ_OPS})
-    t["Pow"] = NUM if late else FLOAT  # integer Pow arrived after 10.3
-    if late:
-        t.update({op: FLOAT for op in _LATE_FLOAT_OPS})
-        t.update({op: ANY for op in _LATE_ANY_OPS})
+    t["Pow"] = NUM if version >= _INT_POW else FLOAT
+    for since, ops in _ADDED_FLOAT_OPS.items():
+        t.update({op: FLOAT for op in ops if version >= since})
+    for since, ops in _ADDED_ANY_OPS.items():
+        t.update({op: ANY for op in ops if version >= since})
     return t
+
+
+def _opset_max(version: tuple[int, int]) -> int:
+    """Newest ONNX opset the parser imports. 10.3: 20 (its operators.md). 10.6 moved the ONNX submodule to
+    1.17.0 = opset 22 (CHANGELOG.md). onnx-tensorrt docs/operators.md states "opset 9 to opset 24" for 10.15
+    and for 11.x; no source states 23/24 for 10.13/10.14, so they are held at 22 (conservative)."""
+    if version >= (10, 15):
+        return 24
+    return 22 if version >= (10, 6) else 20
 
 
 # (op, input index, input name): the parser needs these as initializers / Constant outputs.
@@ -95,21 +112,43 @@ class Target:
     notes: tuple[str, ...] = field(default=())
 
 
+def _target(name: str, label: str, version: tuple[int, int], strongly_typed_only: bool = False) -> Target:
+    const = _CONST_INPUTS_ALWAYS + (_CONST_INPUTS_BEFORE_10_7 if version < (10, 7) else [])
+    return Target(name, label, 9, _opset_max(version), _table(version), tuple(const), strongly_typed_only)
+
+
+# What each JetPack ships (checked 2026-12-02):
+# - JetPack 6.1/6.2 (Orin; Ubuntu 22.04, Python 3.10): TensorRT 10.3, CUDA 12.6 (NVIDIA JetPack 6.1 release
+#   notes, as quoted by pytorch/TensorRT docs/getting_started/jetpack.rst, 2024-10; JetPack 6.2 is the same stack).
+# - JetPack 7.0 (Jetson Linux 38.2) and 7.1 (38.4): Jetson Thor only (T5000/T4000); TensorRT 10.13, CUDA 13.0,
+#   Ubuntu 24.04 (developer.nvidia.com/embedded/jetpack/downloads/archive-7.0 and archive-7.1; the CUDA 13.0 /
+#   JetPack 7.0-7.1 row of TensorRT-Edge-LLM's support matrix, 0.10.1).
+# - JetPack 7.2 (Jetson Linux 39.2): Orin and Thor; TensorRT 10.16, CUDA 13.2 (TensorRT-Edge-LLM support
+#   matrix 0.10.1: Orin and Thor on JetPack 7.2 / CUDA 13.2; roboflow/inference PR 2478, 2026-06-18, read
+#   TensorRT 10.16.2.10 off a JetPack 7.2 device).
+# - TensorRT 11 on Jetson: only 11.4.1 and later, only on JetPack 7.2.2+ (AGX Orin, Thor); 11.0-11.3 do not
+#   support JetPack ("Migrating TensorRT from 10.x to 11.x on Jetson/JetPack", TensorRT 11.4.1 and 11.3.0 docs).
+JETPACK_TENSORRT = {"jetpack-6": (10, 3), "jetpack-7.0": (10, 13), "jetpack-7.2": (10, 16)}
+
 TARGETS: dict[str, Target] = {
-    "trt-10.3": Target(
-        "trt-10.3", "TensorRT 10.3 (JetPack 6.1/6.2)", 9, 20, _table(late=False),
-        tuple(_CONST_INPUTS_ALWAYS + _CONST_INPUTS_BEFORE_10_7)),
-    "trt-10": Target(
-        "trt-10", "TensorRT 10.x, latest (10.16; JetPack 7)", 9, 24, _table(late=True), tuple(_CONST_INPUTS_ALWAYS)),
-    "trt-11": Target(
-        "trt-11", "TensorRT 11.x (11.4)", 9, 24, _table(late=True), tuple(_CONST_INPUTS_ALWAYS),
-        strongly_typed_only=True),
+    "trt-10.3": _target("trt-10.3", "TensorRT 10.3", (10, 3)),
+    "trt-10.13": _target("trt-10.13", "TensorRT 10.13", (10, 13)),
+    "trt-10": _target("trt-10", "TensorRT 10.x, latest (10.16)", (10, 16)),
+    "trt-11": _target("trt-11", "TensorRT 11.x (11.4)", (11, 4), strongly_typed_only=True),
+    "jetpack-6": _target("jetpack-6", "JetPack 6.1/6.2 (Orin): TensorRT 10.3, CUDA 12.6",
+                         JETPACK_TENSORRT["jetpack-6"]),
+    "jetpack-7.0": _target("jetpack-7.0", "JetPack 7.0/7.1 (Thor): TensorRT 10.13, CUDA 13.0",
+                           JETPACK_TENSORRT["jetpack-7.0"]),
+    "jetpack-7.2": _target("jetpack-7.2", "JetPack 7.2 (Orin, Thor): TensorRT 10.16, CUDA 13.2",
+                           JETPACK_TENSORRT["jetpack-7.2"]),
 }
 DEFAULT_TARGET = "trt-10.3"  # the oldest we support: a graph that passes here passes everywhere
 
 
 def target_for_version(version: tuple[int, ...]) -> str:
-    """The lint target matching an installed TensorRT version (conservative below 10.7)."""
+    """The newest TensorRT-version target at or below an installed version (conservative in between)."""
     if version[0] >= 11:
         return "trt-11"
-    return "trt-10.3" if version[:2] < (10, 7) else "trt-10"
+    if version[:2] >= (10, 16):
+        return "trt-10"
+    return "trt-10.13" if version[:2] >= (10, 13) else "trt-10.3"

@@ -34,8 +34,50 @@ def test_cli_targets_are_the_matrix_targets():
 def test_installed_version_maps_to_a_target():
     from qwen2edge.trt.support_matrix import target_for_version
 
-    assert [target_for_version(v) for v in [(10, 3, 0, 30), (10, 6), (10, 7, 0), (10, 16), (11, 4, 1)]] == \
-        ["trt-10.3", "trt-10.3", "trt-10", "trt-10", "trt-11"]
+    versions = [(10, 3, 0, 30), (10, 7, 0), (10, 13, 3), (10, 15, 1), (10, 16, 2, 10), (11, 4, 1)]
+    assert [target_for_version(v) for v in versions] == \
+        ["trt-10.3", "trt-10.3", "trt-10.13", "trt-10.13", "trt-10", "trt-11"]
+
+
+def test_each_jetpack_has_its_own_target_with_its_tensorrt():
+    """JetPack 6 = TensorRT 10.3, 7.0/7.1 = 10.13 (CUDA 13.0, Thor), 7.2 = 10.16 (CUDA 13.2, Orin and Thor)."""
+    from qwen2edge.trt.support_matrix import JETPACK_TENSORRT
+
+    assert JETPACK_TENSORRT == {"jetpack-6": (10, 3), "jetpack-7.0": (10, 13), "jetpack-7.2": (10, 16)}
+    assert "TensorRT 10.13, CUDA 13.0" in TARGETS["jetpack-7.0"].label
+    assert "TensorRT 10.16, CUDA 13.2" in TARGETS["jetpack-7.2"].label
+    assert TARGETS["jetpack-6"].ops == TARGETS["trt-10.3"].ops
+    assert TARGETS["jetpack-7.2"].ops == TARGETS["trt-10"].ops
+
+
+@pytest.mark.parametrize("op, opset, since", [
+    ("RMSNormalization", 23, "jetpack-7.2"),  # parser support from 10.15
+    ("Attention", 23, "jetpack-7.2"),  # from 10.14
+    ("HannWindow", 17, "jetpack-7.0"),  # from 10.4
+])
+def test_ops_the_jetpack_tensorrt_lacks_are_refused(op, opset, since):
+    n_in = {"RMSNormalization": 2, "Attention": 3, "HannWindow": 1}[op]
+    names = [f"x{i}" for i in range(n_in)]
+    m = model([helper.make_node(op, names, ["y"])], [vi(x, TensorProto.FLOAT, [1, 2, 4, 8]) for x in names],
+              [vi("y", TensorProto.FLOAT, None)], opset=opset)
+    order = ["jetpack-6", "jetpack-7.0", "jetpack-7.2"]
+    for target in order:
+        found = rules(lint_model(m, target))
+        if order.index(target) < order.index(since):
+            assert "op" in found, (target, found)
+        else:
+            assert "op" not in found, (target, found)
+
+
+def test_opset_24_needs_jetpack_7_2():
+    m = model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, [2])],
+              [vi("y", TensorProto.FLOAT, [2])], opset=24)
+    assert rules(lint_model(m, "jetpack-7.0")) == {"opset"}
+    assert rules(lint_model(m, "jetpack-6")) == {"opset"}
+    assert lint_model(m, "jetpack-7.2").ok
+    m22 = model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, [2])],
+                [vi("y", TensorProto.FLOAT, [2])], opset=22)
+    assert lint_model(m22, "jetpack-7.0").ok and not lint_model(m22, "jetpack-6").ok
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
