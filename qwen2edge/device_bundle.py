@@ -33,7 +33,8 @@ REQUIREMENTS = "requirements-device.txt"
 README = "README-device.md"
 # The core (torch-free) runtime dependencies: must equal pyproject's [project].dependencies (tested).
 RUNTIME_REQUIREMENTS = ("numpy>=1.24", "onnxruntime>=1.18", "tokenizers>=0.19", "jinja2>=3.1", "click>=8.1")
-TENSORRT_REQUIREMENTS = ("polygraphy>=0.49",)  # tensorrt itself comes from JetPack / NVIDIA's index
+# = pyproject's `tensorrt` extra (tested); TensorRT itself comes from JetPack or a tensorrt-cu12/-cu13 extra.
+TENSORRT_REQUIREMENTS = ("polygraphy>=0.53.4",)
 _CHUNK = 1 << 20
 
 Progress = Callable[[str], None]
@@ -77,7 +78,8 @@ def requirements_text() -> str:
     lines = ["# qwen2edge device runtime: no torch, no transformers.",
              "# pip install -r requirements-device.txt && pip install --no-deps wheels/" + wheel_name(),
              "# TensorRT itself: JetPack's python3-libnvinfer on Jetson (venv with --system-site-packages),",
-             "# or `pip install tensorrt` on x86-64; see README-device.md.",
+             "# or `pip install tensorrt-cu12` / `tensorrt-cu13` (the driver's CUDA major) on x86-64;",
+             "# see README-device.md.",
              *RUNTIME_REQUIREMENTS, *TENSORRT_REQUIREMENTS]
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole TensorRT path in one go, on any machine with TensorRT and an NVIDIA GPU:
 #   export fp16 -> compatibility check -> build-engine -> validate vs PyTorch -> benchmark ORT vs TRT
-# and one summary table at the end. Needs: pip install -e ".[export,tensorrt]" (x86-64), or on Jetson
+# and one summary table at the end. Needs: pip install -e ".[export,tensorrt-cu12]" (or tensorrt-cu13: the
+# driver's CUDA major; x86-64), or on Jetson
 # the export extra plus JetPack's TensorRT. Never run by the authors (no TensorRT where it was written).
 #
 # usage: scripts/check_tensorrt.sh [MODEL_DIR] [WORK_DIR]

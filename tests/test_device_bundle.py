@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qwen2edge.device_bundle import (PACKAGE, README, REQUIREMENTS, RUNTIME_REQUIREMENTS, pack_bundle,
-                                     unpack_bundle, wheel_name)
+from qwen2edge.device_bundle import (PACKAGE, README, REQUIREMENTS, RUNTIME_REQUIREMENTS, TENSORRT_REQUIREMENTS,
+                                     pack_bundle, unpack_bundle, wheel_name)
 from qwen2edge.errors import BundleError, InputError
 from qwen2edge.runtime.bundle import Bundle
 
@@ -31,6 +31,26 @@ def test_runtime_requirements_equal_pyproject_dependencies():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert list(RUNTIME_REQUIREMENTS) == deps
     assert not any("torch" in d or "transformers" in d for d in deps)
+
+
+def test_tensorrt_extras_pin_polygraphy_and_one_cuda_major():
+    """Every Polygraphy requirement is >=0.53.4 (NumPy 2 and pip's libcudart), the device bundle's TensorRT
+    requirements are the `tensorrt` extra, and each tensorrt-cuXX extra names its own CUDA major's wheel."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert list(TENSORRT_REQUIREMENTS) == extras["tensorrt"]
+    polygraphy = [Requirement(r) for reqs in extras.values() for r in reqs if r.startswith("polygraphy")]
+    polygraphy += [Requirement(r) for r in TENSORRT_REQUIREMENTS]
+    assert len(polygraphy) >= 4
+    for req in polygraphy:
+        assert not req.specifier.contains("0.53.3") and not req.specifier.contains("0.49.12"), req
+        assert req.specifier.contains("0.53.4"), req
+    for major in ("12", "13"):
+        names = {Requirement(r).name for r in extras[f"tensorrt-cu{major}"]}
+        assert names == {f"tensorrt-cu{major}", "polygraphy"}
+    assert not any(Requirement(r).name == "tensorrt" for reqs in extras.values() for r in reqs)
 
 
 def test_round_trip(packed, tmp_path):

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.tensorrt
 
 def _skip_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed (pip install 'qwen2edge[tensorrt]' on a GPU machine)"
+        return ("TensorRT is not installed (pip install 'qwen2edge[tensorrt-cu12]' or '[tensorrt-cu13]' on a GPU "
+                "machine, matching the driver's CUDA major)")
     if importlib.util.find_spec("polygraphy") is None:
         return "polygraphy is not installed"
     try:
