@@ -164,15 +164,17 @@ def engine_limit_options(f: Callable) -> Callable:
 @click.option("--timing-cache", type=click.Path(path_type=str), default=None,
               help="Read/write TensorRT's timing cache here (faster rebuilds).")
 @click.option("--opt-level", type=int, default=None, help="Builder optimization level 0-5 (TensorRT default 3).")
+@click.option("--tf32", is_flag=True, help="Let an fp32 build use TF32 matmuls (off by default: fp32 engines are "
+                                           "validated against PyTorch's fp32).")
 def build_engine(bundle_dir: str, precision: str | None, max_batch: int, max_input_len: int | None,
                  max_logits: int | None, workspace_mib: int | None, timing_cache: str | None,
-                 opt_level: int | None) -> None:
+                 opt_level: int | None, tf32: bool) -> None:
     """Build a TensorRT engine for this device into BUNDLE_DIR/engine (needs TensorRT and a GPU)."""
     from .trt.builder import EngineOptions, build_engine as run
 
     run(bundle_dir, EngineOptions(precision=precision, max_batch=max_batch, max_input_len=max_input_len,
                                   max_logits=max_logits, workspace_mib=workspace_mib, timing_cache=timing_cache,
-                                  opt_level=opt_level), progress=progress)
+                                  opt_level=opt_level, tf32=tf32), progress=progress)
 
 
 @main.command()

@@ -22,6 +22,7 @@ from ..bundle_manifest import BundleManifest
 from ..manifest import atomic_directory, write_manifest
 from .engine_manifest import ENGINE_DIR, PLAN_FILE, BuildPlan, engine_manifest, plan_build
 from .profiles import Profile, compute_profiles, resolve_limits
+from .tensorrt_env import check_cuda_match, import_tensorrt, tensorrt_wheels, trt_logger, wheel_cuda_majors
 
 Progress = Callable[[str], None]
 
@@ -37,16 +38,7 @@ class EngineOptions:
     workspace_mib: int | None = None
     timing_cache: str | None = None
     opt_level: int | None = None
-
-
-def import_tensorrt() -> Any:
-    """`import tensorrt` with a one-line fix when it is missing."""
-    try:
-        import tensorrt  # noqa: PLC0415 - deliberately lazy: optional, GPU-only dependency
-    except ImportError:
-        raise BuildError("TensorRT is not installed: `pip install 'qwen2edge[tensorrt]'` on an x86-64 GPU machine, or "
-                         "on Jetson use JetPack's python3-libnvinfer (see docs/jetson.md)") from None
-    return tensorrt
+    tf32: bool = False  # let an fp32 build use TF32 (TensorRT's default; off here, see plan_build)
 
 
 def check_options(options: EngineOptions) -> None:
@@ -69,19 +61,25 @@ def build_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(
     profiles = compute_profiles(spec, limits)
     onnx_path = bundle_dir / manifest.model_file
     trt = import_tensorrt()
-    from .device import gpu_info
+    from .device import driver_cuda_version, gpu_info
 
+    check_cuda_match(trt.__version__, wheel_cuda_majors(tensorrt_wheels()), driver_cuda_version())
     gpu = gpu_info()
-    plan = plan_build(trt.__version__, manifest.dtype, options.precision, gpu)
+    plan = plan_build(trt.__version__, manifest.dtype, options.precision, gpu, tf32=options.tf32)
     progress(f"      TensorRT {trt.__version__} on {gpu.name} (sm {gpu.compute_capability}); {plan.description}")
     for note in plan.notes:
         progress(f"      note: {note}")
     with atomic_directory(bundle_dir / ENGINE_DIR) as tmp:
-        plan_bytes, cache_bytes = _trt_build(trt, onnx_path, plan, profiles, options, progress)
-        progress(f"[4/4] writing {ENGINE_DIR}/{PLAN_FILE} ({len(plan_bytes) / 2**20:.1f} MiB) and manifest.json")
-        (tmp / PLAN_FILE).write_bytes(plan_bytes)
+        serialized, cache_bytes = _trt_build(trt, onnx_path, plan, profiles, options, progress)
+        size = write_buffer(tmp / PLAN_FILE, serialized)
+        del serialized  # the plan's host copy is the largest allocation left: free it before the manifest
+        progress(f"[4/4] wrote {ENGINE_DIR}/{PLAN_FILE} ({size / 2**20:.1f} MiB); writing manifest.json")
         if options.timing_cache and cache_bytes is not None:
-            _write_atomic(Path(options.timing_cache), cache_bytes)
+            try:
+                _write_atomic(Path(options.timing_cache), cache_bytes)
+            except OSError as exc:  # the engine is what matters: never lose it over the cache file
+                progress(f"      warning: could not write the timing cache {options.timing_cache} ({exc.strerror}); "
+                         "the engine is unaffected")
         body = engine_manifest(
             trt_version=trt.__version__, gpu=gpu, plan=plan, profiles=profiles, onnx_file=manifest.model_file,
             onnx_sha256=manifest.model_digest, bundle_dtype=manifest.dtype,
@@ -94,24 +92,90 @@ def build_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(
     return result
 
 
+def write_buffer(path: Path, buffer: Any) -> int:
+    """Write a buffer-protocol object (TensorRT's IHostMemory) without a bytes() copy; returns its size.
+
+    bytes(serialized) would hold the plan twice at the end of a build, which on an 8 GB Orin is the
+    difference between finishing and the OOM killer."""
+    view = memoryview(buffer)
+    with open(path, "wb") as f:
+        f.write(view)
+    return view.nbytes
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     import os
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# TensorRT calls whose failure must not end a build: a binding may raise one of these for a corrupt cache.
+_TRT_CALL_ERRORS = (RuntimeError, TypeError, ValueError)
+
+
+def attach_timing_cache(config: Any, path: Path, progress: Progress) -> Any | None:
+    """Load `path`'s timing cache into `config`, or a fresh one; None if TensorRT gives none at all.
+
+    create_timing_cache returns None on failure and set_timing_cache returns False when the cache's
+    header (TensorRT version, GPU) does not match this device (ignore_mismatch=False; NVIDIA/TensorRT
+    python/docstrings/infer/pyCoreDoc.h, read 2026-12-02). After a JetPack/TensorRT upgrade or with a
+    cache from another GPU that is the normal case: warn and start fresh, never fail the build."""
+
+    def attach(data: bytes) -> Any | None:
+        try:
+            cache = config.create_timing_cache(data)
+            return cache if cache is not None and config.set_timing_cache(cache, False) else None
+        except _TRT_CALL_ERRORS:
+            return None
+
+    data = path.read_bytes() if path.is_file() else b""
+    if data:
+        cache = attach(data)
+        if cache is not None:
+            progress(f"      timing cache: {path} ({len(data) / 1024:.0f} KiB)")
+            return cache
+        progress(f"      warning: timing cache {path} is unreadable or from another TensorRT version or GPU: "
+                 "starting a fresh one (the file will be replaced)")
+    cache = attach(b"")
+    if cache is None:
+        progress("      warning: TensorRT could not create a timing cache: building without one "
+                 f"({path} is not written)")
+    return cache
+
+
+def timing_cache_bytes(config: Any, progress: Progress) -> bytes | None:
+    """The config's timing cache serialized, or None with a warning: runs after a build of minutes, so
+    nothing here may raise and lose the engine."""
+    try:
+        cache = config.get_timing_cache()  # None when no cache is attached
+        data = cache.serialize() if cache is not None else None
+        if data is not None:
+            return bytes(memoryview(data))  # kilobytes to a few MiB: the copy is harmless
+    except Exception as exc:  # noqa: BLE001 - any failure here must only cost the cache, never the engine
+        progress(f"      warning: could not serialize the timing cache ({type(exc).__name__}: {exc}): not written")
+        return None
+    progress("      warning: TensorRT returned no timing cache to save: not written")
+    return None
 
 
 def _trt_build(trt: Any, onnx_path: Path, plan: BuildPlan, profiles: list[Profile], options: EngineOptions,
-               progress: Progress) -> tuple[bytes, bytes | None]:
-    """The TensorRT calls (10.x and 11.x Python API, enum members by name). Untested on TensorRT."""
+               progress: Progress) -> tuple[Any, bytes | None]:
+    """The TensorRT calls (10.x and 11.x Python API, enum members by name); returns (IHostMemory plan,
+    timing cache bytes). The builder, network and parser (which holds a copy of the weights) are locals,
+    released when this returns, before the plan is written. Untested on TensorRT."""
     from .engine_manifest import parse_version
     from .support_matrix import target_for_version
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     if plan.strongly_typed and parse_version(trt.__version__)[0] < 11:
@@ -133,16 +197,14 @@ def _trt_build(trt: Any, onnx_path: Path, plan: BuildPlan, profiles: list[Profil
         config.builder_optimization_level = options.opt_level
     for name in plan.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in plan.cleared_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, name))
     for p in profiles:
         prof = builder.create_optimization_profile()
         for name, (lo, opt, hi) in p.shapes.items():
             prof.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(prof)
-    cache = None
-    if options.timing_cache:
-        path = Path(options.timing_cache)
-        cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = attach_timing_cache(config, Path(options.timing_cache), progress) if options.timing_cache else None
     monitor = _monitor(trt, progress) if hasattr(trt, "IProgressMonitor") else None
     if monitor is not None:
         config.progress_monitor = monitor  # `monitor` stays referenced here until the build returns
@@ -151,9 +213,9 @@ def _trt_build(trt: Any, onnx_path: Path, plan: BuildPlan, profiles: list[Profil
     if serialized is None:
         raise BuildError("TensorRT failed to build the engine (see its log above): lower --max-input-len / "
                          "--max-batch, raise --workspace, or add swap on Jetson (docs/jetson.md)")
-    cache_bytes = bytes(config.get_timing_cache().serialize()) if cache is not None else None
+    cache_bytes = timing_cache_bytes(config, progress) if cache is not None else None
     del monitor  # TensorRT requires the monitor to outlive the build
-    return bytes(serialized), cache_bytes
+    return serialized, cache_bytes
 
 
 def _monitor(trt: Any, progress: Progress) -> Any:

@@ -50,6 +50,14 @@ def gpu_info(device: int = 0) -> GpuInfo:
     return make_gpu_info(buf.value, major.value, minor.value)
 
 
+def driver_cuda_version() -> int:
+    """The newest CUDA version the installed driver supports, as 1000 * major + 10 * minor (12080 = 12.8)."""
+    cu = _driver()
+    version = ctypes.c_int()
+    _check(cu.cuDriverGetVersion(ctypes.byref(version)), "cuDriverGetVersion")
+    return version.value
+
+
 def make_gpu_info(raw_name: bytes | str, major: int, minor: int) -> GpuInfo:
     """GpuInfo from the driver's raw values (NUL-padded bytes name)."""
     name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else raw_name

@@ -53,22 +53,28 @@ class BuildPlan:
     precision: str
     strongly_typed: bool
     builder_flags: tuple[str, ...] = ()
+    cleared_flags: tuple[str, ...] = ()  # BuilderFlag members switched off (TensorRT enables TF32 by default)
     notes: tuple[str, ...] = field(default=())
 
     @property
     def description(self) -> str:
+        off = f"; cleared {list(self.cleared_flags)}" if self.cleared_flags else ""
         if self.strongly_typed:
-            return f"strongly typed ({self.precision}, from the ONNX)"
-        return f"weakly typed, builder flags {list(self.builder_flags)} ({self.precision})"
+            return f"strongly typed ({self.precision}, from the ONNX){off}"
+        return f"weakly typed, builder flags {list(self.builder_flags)} ({self.precision}){off}"
 
 
-def plan_build(trt_version: str, onnx_dtype: str, precision: str | None, gpu: GpuInfo | None = None) -> BuildPlan:
+def plan_build(trt_version: str, onnx_dtype: str, precision: str | None, gpu: GpuInfo | None = None,
+               tf32: bool = False) -> BuildPlan:
     """Pick the build path for this TensorRT version.
 
     TensorRT 11 builds strongly typed networks only (the per-precision builder flags are gone), so the
     precision is the ONNX's: a --precision that differs is refused. TensorRT 10 builds strongly typed
     when the precision matches the ONNX (keeping the exporter's fp32 islands), and otherwise lowers an
     fp32 ONNX with the FP16/BF16 builder flags.
+
+    BuilderFlag.TF32 is "Enabled by default" (10.3 through 11.1 docstrings) and rounds fp32 matmul inputs
+    to 10-bit mantissas; an fp32 engine exists to match PyTorch's fp32, so it is cleared unless `tf32`.
     """
     if onnx_dtype not in PRECISIONS:
         raise InputError(f"the bundle's dtype {onnx_dtype!r} is not one of {PRECISIONS}: re-export the bundle")
@@ -82,8 +88,9 @@ def plan_build(trt_version: str, onnx_dtype: str, precision: str | None, gpu: Gp
     if want == "bf16" and gpu is not None and gpu.sm < (8, 0):
         raise BuildError(f"{gpu.name} (sm_{gpu.compute_capability.replace('.', '')}) has no bf16 support: export "
                          "with --dtype fp16 instead")
+    cleared = ("TF32",) if want == "fp32" and not tf32 else ()
     if want == onnx_dtype:
-        return BuildPlan(want, strongly_typed=True)
+        return BuildPlan(want, strongly_typed=True, cleared_flags=cleared)
     if version[0] >= 11:
         raise InputError(f"TensorRT {trt_version} builds strongly typed networks only, so the precision comes from "
                          f"the ONNX ({onnx_dtype}); --precision {want} does not match it: re-export with "
@@ -110,6 +117,7 @@ def engine_manifest(*, trt_version: str, gpu: GpuInfo, plan: BuildPlan, profiles
         "precision": plan.precision,
         "bundle_dtype": bundle_dtype,
         "build": {"strongly_typed": plan.strongly_typed, "builder_flags": list(plan.builder_flags),
+                  "cleared_flags": list(plan.cleared_flags),
                   "workspace_mib": workspace_mib, "opt_level": opt_level, "timing_cache": timing_cache,
                   "seconds": round(build_seconds, 2), "notes": list(plan.notes)},
         "limits": dict(limits),
