@@ -26,6 +26,8 @@ class Backend(ABC):
     # Whether sequences may join and leave a running batch (runtime/continuous.py): needs caches whose
     # row views and row moves are cheap, and steps over any row count.
     in_flight_batching: bool = True
+    # The most rows one step accepts (a TensorRT engine's --max-batch); None: no limit.
+    max_batch: int | None = None
 
     def __init__(self, spec: IOSpec):
         self.spec = spec

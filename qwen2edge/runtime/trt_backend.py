@@ -20,8 +20,11 @@ from .. import io_spec
 from ..errors import InferenceError
 from ..io_spec import IOSpec
 from ..manifest import MANIFEST, read_manifest
+from ..trt.engine_io import (bind_address, bind_input, check_engine_io, engine_max_batch, new_context, output_shape,
+                             set_profile)
 from ..trt.engine_manifest import ENGINE_DIR, PLAN_FILE, check_engine_matches
 from ..trt.profiles import Profile, select_profile
+from ..trt.tensorrt_env import import_tensorrt, trt_logger
 from .backend import Backend
 
 
@@ -131,24 +134,25 @@ class TrtBackend(Backend):
         onnx_sha = bundle.manifest.model_digest
         check_engine_matches(manifest, trt.__version__, gpu_info(), onnx_sha, str(bundle.path))
         profiles = [Profile.from_dict(p) for p in manifest["profiles"]]
-        return cls(trt, engine_dir / manifest.get("plan_file", PLAN_FILE), bundle.spec, profiles)
+        return cls(trt, engine_dir / manifest.get("plan_file", PLAN_FILE), bundle.spec, profiles, str(bundle.path))
 
-    def __init__(self, trt: Any, plan_path: Path, spec: IOSpec, profiles: Sequence[Profile]):
+    def __init__(self, trt: Any, plan_path: Path, spec: IOSpec, profiles: Sequence[Profile], where: str = ""):
         super().__init__(spec)
         from polygraphy import cuda as pcuda
 
         self._cuda = pcuda
         self.trt = trt
         self.profiles = list(profiles)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        where = where or str(plan_path.parent.parent)
+        self._runtime = trt.Runtime(trt_logger(trt))
         self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self.engine is None:
             raise InferenceError(f"TensorRT could not deserialize {plan_path}: rebuild the engine on this device")
-        self.context = self.engine.create_execution_context()
+        self._dtypes = check_engine_io(self.engine, trt, spec, self.profiles, where)  # buffers follow the engine
+        self.max_batch = engine_max_batch(self.profiles)
+        self.context = new_context(self.engine, where)
         self.stream = pcuda.Stream()  # non-default: copies and execution are ordered on it
         self._profile: int | None = None
-        self._dtypes = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs)}
         self._outputs = [t.name for t in spec.outputs]
         self._buffers: dict[str, Any] = {}
         self._pool: dict[str, Any] = {}  # one cache of the largest batch asked for; batches bind its first rows
@@ -165,7 +169,9 @@ class TrtBackend(Backend):
     def _buffer(self, name: str, shape: tuple[int, ...]) -> Any:
         buf = self._buffers.get(name)
         if buf is None:
-            buf = self._buffers[name] = self._cuda.DeviceArray(shape=shape, dtype=self._dtype(name))
+            # Created at one element: a tensor with a 0 dimension still gets a real (non-null) address,
+            # which set_tensor_address requires; resize() below never shrinks the allocation.
+            buf = self._buffers[name] = self._cuda.DeviceArray(shape=(1,), dtype=self._dtype(name))
         return buf.resize(shape)  # reallocates only when growing
 
     # ---- Backend --------------------------------------------------------------------------------
@@ -173,6 +179,9 @@ class TrtBackend(Backend):
     def new_cache(self, batch: int, capacity: int | None = None, bucket: int = 0) -> DeviceKVCache:
         """Rows [0, batch) of one full-size device pool, zeroed (0 * NaN garbage is NaN); `capacity` and
         `bucket` are ignored: the cache does not grow. The pool grows to the largest batch asked for."""
+        if not 1 <= batch <= self.max_batch:
+            raise InferenceError(f"a batch of {batch} rows is outside this engine's 1..{self.max_batch}: rebuild with "
+                                 f"`qwen2edge build-engine BUNDLE --max-batch {batch}` or send fewer prompts at once")
         if self._pool_rows < batch:
             for buf in self._pool.values():
                 buf.free()
@@ -186,7 +195,7 @@ class TrtBackend(Backend):
         return cache
 
     def dtype_of(self, name: str) -> str:
-        """Element type of an input or output, from the bundle's I/O spec."""
+        """Element type of an input or output as the engine has it (checked against the bundle at load)."""
         return self._dtypes[name]
 
     def copy_d2d(self, dst: int, src: int, nbytes: int) -> None:
@@ -201,7 +210,7 @@ class TrtBackend(Backend):
         shapes = {n: a.shape for n, a in host.items()} | {n: tuple(a.shape) for n, a in device.items()}
         idx = select_profile(self.profiles, shapes)
         if idx != self._profile:
-            self.context.set_optimization_profile_async(idx, self.stream.ptr)
+            set_profile(self.context, idx, self.stream.ptr)
             self._profile = idx
         keep = []  # host arrays must outlive their async copies (synchronized in the caller)
         for name, arr in host.items():
@@ -210,14 +219,11 @@ class TrtBackend(Backend):
             keep.append(arr)
             buf = self._buffer(name, arr.shape)
             buf.copy_from(arr, self.stream)
-            self.context.set_input_shape(name, arr.shape)
-            self.context.set_tensor_address(name, buf.ptr)
+            bind_input(self.context, name, arr.shape, buf.ptr)
         for name, arr in device.items():
-            self.context.set_input_shape(name, tuple(arr.shape))
-            self.context.set_tensor_address(name, arr.ptr)
+            bind_input(self.context, name, tuple(arr.shape), arr.ptr)
         for name in self._outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            self.context.set_tensor_address(name, self._buffer(name, shape).ptr)
+            bind_address(self.context, name, self._buffer(name, output_shape(self.context, name)).ptr)
         if not self.context.execute_async_v3(self.stream.ptr):
             raise InferenceError("TensorRT failed to run the engine (see its log above): rebuild the engine, and "
                                  "report it if the failure persists")
@@ -260,9 +266,4 @@ class TrtBackend(Backend):
 
 
 def _import_trt() -> Any:
-    try:
-        import tensorrt  # noqa: PLC0415 - optional, GPU-only dependency
-    except ImportError:
-        raise InferenceError("the trt backend needs TensorRT: `pip install 'qwen2edge[tensorrt]'`, or on Jetson "
-                             "JetPack's python3-libnvinfer (docs/jetson.md); or set {opt:backend} to ort") from None
-    return tensorrt
+    return import_tensorrt(InferenceError, "; or set {opt:backend} to ort")
