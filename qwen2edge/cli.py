@@ -280,7 +280,8 @@ def validate(model_dir: str, bundle_dir: str, steps: int, long_prompt_tokens: in
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface; 0.0.0.0 exposes the server.")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-concurrency", type=int, default=8, show_default=True, help="Requests generating at once.")
-@click.option("--max-batch", type=int, default=8, show_default=True, help="Rows per backend batch.")
+@click.option("--max-batch", type=int, default=None,
+              help="Rows per backend batch. [default: 8, or the TensorRT engine's largest batch if smaller]")
 @click.option("--batching", type=click.Choice(["in-flight", "static"]), default="in-flight", show_default=True,
               help="in-flight: requests join and leave a running batch between decode steps; static: a batch "
                    "runs until its last row ends (TensorRT always runs static batches).")

@@ -21,10 +21,27 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InputError
 from ..runtime.continuous import InFlightBatch
 from ..runtime.generator import Generation, Generator
 from ..runtime.sampling import SamplingParams
 from .metrics import Metrics
+
+
+DEFAULT_MAX_BATCH = 8
+
+
+def resolve_max_batch(requested: int | None, backend_limit: int | None) -> int:
+    """Rows per batch for a backend that may cap them (a TensorRT engine's --max-batch): unset means
+    DEFAULT_MAX_BATCH or the cap if smaller; an explicit value above the cap is refused at start-up,
+    rather than failing every request of every batch larger than the engine accepts."""
+    if requested is None:
+        return min(DEFAULT_MAX_BATCH, backend_limit or DEFAULT_MAX_BATCH)
+    if backend_limit is not None and requested > backend_limit:
+        raise InputError(f"{{opt:max_batch}} {requested} exceeds the engine's largest batch ({backend_limit}): pass "
+                         f"{{opt:max_batch}} {backend_limit} or rebuild with `qwen2edge build-engine BUNDLE "
+                         f"--max-batch {requested}`")
+    return requested
 
 
 class QueueFull(Exception):
@@ -66,11 +83,13 @@ class Job:
 class Scheduler:
     """Bounded admission + batched execution over one Generator."""
 
-    def __init__(self, generator: Generator, max_concurrency: int = 8, max_batch: int = 8, max_queue: int = 64,
-                 batch_wait_s: float = 0.005, metrics: Metrics | None = None, in_flight: bool = True):
+    def __init__(self, generator: Generator, max_concurrency: int = 8, max_batch: int | None = None,
+                 max_queue: int = 64, batch_wait_s: float = 0.005, metrics: Metrics | None = None,
+                 in_flight: bool = True):
         self.generator = generator
         self.in_flight = in_flight and getattr(generator.backend, "in_flight_batching", False)
-        self.max_batch = max(1, min(max_batch, max_concurrency))
+        limit = getattr(generator.backend, "max_batch", None)  # e.g. the TensorRT engine's --max-batch
+        self.max_batch = max(1, min(resolve_max_batch(max_batch, limit), max_concurrency))
         workers = math.ceil(max_concurrency / self.max_batch)
         self.workers = workers if getattr(generator.backend, "thread_safe", False) else 1
         self.max_queue = max_queue

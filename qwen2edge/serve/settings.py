@@ -19,7 +19,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_concurrency: int = 8  # requests generating at once
-    max_batch: int = 8  # rows per backend batch
+    max_batch: int | None = None  # rows per backend batch; None: 8, or the backend's limit if smaller
     max_queue: int = 64  # requests waiting for a slot before 429
     batching: str = "in-flight"  # or "static"
     api_key: str | None = None  # required as a Bearer token on /v1 when set
@@ -31,7 +31,7 @@ class ServeSettings:
             raise InputError(f"{{opt:port}} must be in 0..65535, got {self.port}: pick a free TCP port")
         for name, low in (("max_concurrency", 1), ("max_batch", 1), ("max_queue", 0)):
             value = getattr(self, name)
-            if value < low:
+            if value is not None and value < low:
                 raise InputError(f"{{opt:{name}}} must be >= {low}, got {value}: pass a larger value")
         if self.shutdown_timeout < 0:
             raise InputError(f"{{opt:shutdown_timeout}} must be >= 0, got {self.shutdown_timeout}: pass seconds to "
