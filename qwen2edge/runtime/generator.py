@@ -6,6 +6,7 @@ written at the row's own next slot, so rows of different lengths never shift eac
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -15,7 +16,9 @@ import numpy as np
 from .. import io_spec
 from ..errors import InputError, InternalError
 from .backend import Backend
+from .constrain import Constraint, GrammarEngine
 from .kv_cache import CACHE_BUCKET, KVCache, cache_capacity
+from .logits import RowLogits, TokenLogprob, token_logprob
 from .sampling import SamplingParams, make_rng, sample_next
 from .tokenizer import StopMatcher, StreamDecoder
 
@@ -31,7 +34,8 @@ class Generation:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" (eos id or stop string) | "length" | "cancelled"
+    finish_reason: str = "length"  # "stop" (eos id, stop string, grammar complete) | "length" | "cancelled"
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs is set
 
 
 OnFinish = Callable[[int, Generation], None]  # (row, its complete result)
@@ -106,10 +110,14 @@ class Row:
     `runtime.continuous`, so both stop, stream and finish a sequence the same way."""
 
     def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, default_stop_ids: Sequence[int],
-                 tokenizer, rng: np.random.Generator | None):
+                 tokenizer, rng: np.random.Generator | None, constraint: Constraint | None = None):
         self.result = Generation(prompt_ids=list(map(int, prompt_ids)))
         self.params = params
-        self.stop_ids = set(params.stop_token_ids or default_stop_ids)
+        stop_ids = set(params.stop_token_ids or default_stop_ids)
+        self.stop_ids = set() if params.ignore_eos else stop_ids
+        self.logits = RowLogits(params, stop_ids, constraint)  # penalties, bias, bans, grammar
+        if params.logprobs is not None:
+            self.result.logprobs = []
         self.rng = rng  # None when the batch samples all rows with one shared generator
         self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         self.matcher = StopMatcher(params.stop_strings)
@@ -117,10 +125,13 @@ class Row:
         self.length = len(self.result.prompt_ids)  # cache slots filled
         self.done = False
 
-    def sample(self, logits: np.ndarray) -> int:
-        """The next token from this row's logits [1, V] with its own sampler."""
-        prev = [self.history] if self.params.repetition_penalty != 1.0 else None
-        return int(sample_next(logits, self.params, self.rng, prev)[0])
+    def sample(self, logits: np.ndarray, rng: np.random.Generator | None = None) -> int:
+        """The next token from this row's logits [1, V] with its own sampler (or `rng`, a batch's shared one)."""
+        scores = self.logits.process(logits, self.history, len(self.result.token_ids))
+        tok = int(sample_next(scores, self.params, rng or self.rng)[0])
+        if self.result.logprobs is not None and tok not in self.stop_ids:
+            self.result.logprobs.append(token_logprob(logits[0], tok, self.params.logprobs))
+        return tok
 
     def accept(self, tok: int, on_text: Callable[[str], None] | None) -> bool:
         """Take a sampled token; returns True when the row is complete (then call `finish`)."""
@@ -129,8 +140,11 @@ class Row:
             return True
         self.result.token_ids.append(tok)
         self.history.append(tok)
+        self.logits.observe(tok)
         if self.decoder is not None:
             self._emit(self.decoder.push(tok), on_text)
+        if self.logits.grammar_done:  # nothing but a stop id could follow: end without that step
+            self.done, self.result.finish_reason = True, "stop"
         return self.done or len(self.result.token_ids) >= self.params.max_new_tokens
 
     def cancel(self) -> None:
@@ -210,6 +224,19 @@ class Generator:
                                 "generator was built without them: report this as a qwen2edge bug")
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         self.pad_id = int(pad if pad is not None else (self.default_stop_ids or (0,))[0])
+        self._grammar: GrammarEngine | None = None
+        self._grammar_lock = threading.Lock()
+
+    def grammar_engine(self) -> GrammarEngine:
+        """The grammar engine over this generator's tokenizer, built on first use (1-2 s for a large
+        vocabulary: callers that must not stall, like the server's event loop, call it from a thread)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                if self.tokenizer is None:
+                    raise InputError("constrained decoding needs the bundle's tokenizer: build the generator with "
+                                     "Bundle.generator()")
+                self._grammar = GrammarEngine(self.tokenizer.to_json(), self.default_stop_ids)
+            return self._grammar
 
     # ---- steps -----------------------------------------------------------------------------------
 
@@ -271,9 +298,13 @@ class Generator:
     # ---- whole generations -------------------------------------------------------------------------
 
     def new_row(self, prompt_ids: Sequence[int], params: SamplingParams) -> Row:
-        """A row with its own seeded sampler, checked to fit the cache."""
+        """A row with its own seeded sampler (and grammar), checked to fit the cache."""
         check_fits([len(prompt_ids)], params.max_new_tokens, self.max_seq_len)
-        return Row(prompt_ids, params, self.default_stop_ids, self.tokenizer, make_rng(params.seed))
+        return Row(prompt_ids, params, self.default_stop_ids, self.tokenizer, make_rng(params.seed),
+                   self._constraint(params))
+
+    def _constraint(self, params: SamplingParams) -> Constraint | None:
+        return self.grammar_engine().constraint(params.grammar) if params.grammar is not None else None
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  on_text: OnText | None = None, *, should_stop: ShouldStop | None = None,
@@ -285,7 +316,14 @@ class Generator:
         early when `should_stop(row)` turns true (finish_reason "cancelled"); `on_finish(row, result)`
         fires as soon as a row is complete, before slower rows in the batch are.
         """
-        batch = _Batch(*self._rows(prompts, params), on_text, on_finish, should_stop)
+        return self.run_rows(*self._rows(prompts, params), on_text=on_text, should_stop=should_stop,
+                             on_finish=on_finish)
+
+    def run_rows(self, rows: list[Row], shared_rng: np.random.Generator | None = None, *,
+                 on_text: OnText | None = None, should_stop: ShouldStop | None = None,
+                 on_finish: OnFinish | None = None) -> tuple[list[Generation], Timings]:
+        """`generate` for rows made by `new_row` (a caller that keeps each row's result as it grows)."""
+        batch = _Batch(rows, shared_rng, on_text, on_finish, should_stop)
         timings = Timings()
         cache = self.new_cache(len(batch.rows), max(row.length for row in batch.rows))
         t0 = time.perf_counter()
@@ -299,7 +337,9 @@ class Generator:
         """Rows for the prompts, and the generator they share when one SamplingParams covers them all."""
         if isinstance(params, SamplingParams):
             check_fits([len(p) for p in prompts], params.max_new_tokens, self.max_seq_len)
-            return [Row(p, params, self.default_stop_ids, self.tokenizer, None) for p in prompts], make_rng(params.seed)
+            rows = [Row(p, params, self.default_stop_ids, self.tokenizer, None, self._constraint(params))
+                    for p in prompts]
+            return rows, make_rng(params.seed)
         plist = list(params)
         if len(plist) != len(prompts):
             raise InternalError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts: report this as a "
@@ -307,12 +347,12 @@ class Generator:
         return [self.new_row(p, rp) for p, rp in zip(prompts, plist)], None
 
     def _sample(self, logits: np.ndarray, rows: list[Row], shared_rng: np.random.Generator | None) -> np.ndarray:
-        if shared_rng is not None:
+        if shared_rng is not None and not rows[0].params.per_row:
             params = rows[0].params
             history = [row.history for row in rows] if params.repetition_penalty != 1.0 else None
             return sample_next(logits, params, shared_rng, history)
         nxt = np.full(len(rows), self.pad_id, dtype=np.int64)
         for r, row in enumerate(rows):
             if not row.done:
-                nxt[r] = row.sample(logits[r:r + 1])
+                nxt[r] = row.sample(logits[r:r + 1], shared_rng)
         return nxt

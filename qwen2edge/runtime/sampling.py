@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import InferenceError, InputError
+
+if TYPE_CHECKING:
+    from .constrain import Grammar
 
 # A nucleus that reaches top_p up to this much rounding counts as reaching it; without it,
 # probs like [0.5, 0.3, ...] with top_p=0.8 keep a third token or not depending on float noise.
 _TOP_P_EPS = 1e-6
 
 PrevIds = Sequence[Sequence[int]] | np.ndarray
+MAX_LOGPROBS = 20  # alternatives per position, OpenAI's limit
+PENALTY_RANGE = 2.0  # presence/frequency penalties lie in [-2, 2] (OpenAI)
+BIAS_RANGE = 100.0  # logit_bias values lie in [-100, 100] (OpenAI)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding settings; temperature 0 means greedy, top_k 0 and top_p 1 mean no filtering."""
+    """Decoding settings; temperature 0 means greedy, top_k 0 and top_p 1 mean no filtering.
+
+    Per-row extensions (`runtime/logits.py` applies them): OpenAI's presence/frequency penalties over the
+    generated tokens and logit_bias (token id -> added bias); min_tokens bans the stop ids until that many
+    tokens exist; ignore_eos keeps generating past them; logprobs (0..20 alternatives) records each new
+    token's log-probability; grammar constrains the output (`runtime/constrain.py`)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -29,11 +40,20 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    grammar: "Grammar | None" = None
 
     def __post_init__(self) -> None:
-        # Callers often pass lists; tuples keep the frozen instance hashable.
+        # Callers often pass lists and dicts; tuples keep the frozen instance hashable.
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         self.validate()
 
     def validate(self) -> None:
@@ -59,11 +79,34 @@ class SamplingParams:
             )
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise InputError(f"seed must be an integer >= 0, got {self.seed!r}: set {{opt:seed}} to 0 or more")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value) or abs(value) > PENALTY_RANGE:
+                raise InputError(f"{name} must be in [-2, 2], got {value!r}: set {{opt:{name}}} within that range "
+                                 "(0 disables it)")
+        for tok, bias in self.logit_bias:
+            if not _is_int(tok) or tok < 0:
+                raise InputError(f"logit_bias keys must be token ids >= 0, got {tok!r}: fix {{opt:logit_bias}}")
+            if not _is_real(bias) or abs(bias) > BIAS_RANGE:
+                raise InputError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {tok}: "
+                                 "fix {opt:logit_bias}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InputError(f"min_tokens must be an integer from 0 to the {self.max_new_tokens} new tokens asked for, "
+                             f"got {self.min_tokens!r}: lower {{opt:min_tokens}} or raise {{opt:max_new_tokens}}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InputError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}: "
+                             "fix {opt:logprobs}")
 
     @property
     def greedy(self) -> bool:
         """True when decoding takes the argmax."""
         return self.temperature == 0
+
+    @property
+    def per_row(self) -> bool:
+        """Whether a row needs more than the batched sampler: penalties, bias, bans, logprobs or a grammar."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens
+                    or self.logprobs is not None or self.grammar is not None)
 
 
 def _is_int(value: object) -> bool:

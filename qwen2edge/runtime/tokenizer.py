@@ -45,6 +45,7 @@ class BundleTokenizer:
         self.pad_token = _token_text(config.get("pad_token"))
         self.chat_template = _pick_template(config.get("chat_template"))
         self._compiled: Any = None
+        self._bytes: _TokenBytes | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> BundleTokenizer:
@@ -81,6 +82,17 @@ class BundleTokenizer:
         """Id of an exact vocabulary entry, or None."""
         return self._tok.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The tokenizer.json content (what llguidance builds its token trie from)."""
+        return self._tok.to_str()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level token may hold part of a UTF-8 character, which
+        `decode` would turn into U+FFFD)."""
+        if self._bytes is None:
+            self._bytes = _TokenBytes(self._tok)
+        return self._bytes(int(token_id))
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """Ids that end generation: the configured eos plus the ChatML terminators the vocab has."""
@@ -110,8 +122,10 @@ class BundleTokenizer:
         """Whether tokenizer_config.json supplied a chat template."""
         return self.chat_template is not None
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render messages with the bundle's Jinja chat template, as transformers does."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render messages (and tool definitions, for templates that use them) with the bundle's Jinja chat
+        template, as transformers does."""
         if self.chat_template is None:
             raise InputError(
                 "this tokenizer has no chat template: drop {opt:chat} or add a chat_template to tokenizer_config.json"
@@ -124,6 +138,7 @@ class BundleTokenizer:
             return self._template().render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
+                tools=tools,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
@@ -160,6 +175,54 @@ def _pick_template(value: Any) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
         value = named.get("default")
     return value if isinstance(value, str) and value else None
+
+
+class _TokenBytes:
+    """Token id -> bytes: GPT-2 byte-level vocabularies map each character back to its byte; `<0xNN>`
+    byte-fallback tokens are that byte; anything else (added tokens, other models) is its UTF-8 text."""
+
+    def __init__(self, tok: Tokenizer):
+        self._tok = tok
+        self._special = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
+        decoder = json.loads(tok.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [decoder]) if isinstance(d, Mapping)}
+        self._byte_level = _byte_alphabet() if "ByteLevel" in kinds else None
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        out = self._cache.get(token_id)
+        if out is None:
+            out = self._cache[token_id] = self._bytes(token_id)
+        return out
+
+    def _bytes(self, token_id: int) -> bytes:
+        if token_id in self._special:
+            return self._special[token_id].encode("utf-8")
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level is not None and all(c in self._byte_level for c in piece):
+            return bytes(self._byte_level[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return self._tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable Latin-1 bytes stand for themselves, the
+    other 68 bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[chr(b)] = b
+        else:
+            out[chr(0x100 + extra)] = b
+            extra += 1
+    return out
 
 
 class _Decoder(Protocol):
