@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -15,28 +14,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InputError, field_spelling
 from ..runtime.bundle import Bundle
 from ..runtime.generator import Generator
-from ..runtime.sampling import SamplingParams
+from .fanout import ClientGone, Fanout, JobFailed
 from .metrics import Metrics
-from .responses import ClientGone, Shape, SSEResponse, stream_events, wait_result
+from .plan import Plan, chat_plan, completion_plan
+from .responses import Answer, Shape, SSEResponse, error_of
 from .schemas import APIError, ChatRequest, CompletionRequest, parse
-from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+from .scheduler import QueueFull, Scheduler, ShuttingDown
 from .settings import ServeSettings
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_BODY_BYTES = 8 * 2**20  # far above any prompt that fits a context; bounds memory per request
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
-# Library option names -> the request fields that set them (the rest share their name).
-HTTP_FIELDS = {"max_new_tokens": "max_tokens", "stop_strings": "stop"}
-
-
-def input_error(exc: InputError, param: str | None = None) -> APIError:
-    """A library InputError as a 400, worded in request fields rather than CLI flags."""
-    named = exc.options
-    return APIError(400, exc.render(field_spelling(HTTP_FIELDS)),
-                    param=param or (HTTP_FIELDS.get(named[0], named[0]) if named else None), code="invalid_value")
 
 
 class _State:
@@ -65,26 +54,10 @@ class _State:
             raise APIError(404, f"The model '{model}' does not exist: this server serves "
                            f"'{self.settings.model_name}' (see GET /v1/models)", param="model", code="model_not_found")
 
-    def sampling(self, req: Any, prompt_len: int, max_tokens: int | None, param: str) -> SamplingParams:
-        limit = self.bundle.max_seq_len
-        if max_tokens is None:  # chat: up to the rest of the context, as OpenAI does
-            max_tokens = limit - prompt_len
-        if prompt_len + max_tokens > limit or max_tokens < 1:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                           f"{prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the {param}, "
-                           f"{max(max_tokens, 1)} in the completion). Please reduce the length of the {param} "
-                           "or the completion.", param=param, code="context_length_exceeded")
+    def submit(self, fan: Fanout) -> Fanout:
+        """Queue a request's jobs together (all or none)."""
         try:
-            return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
-                                  top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed,
-                                  stop_strings=tuple(req.stop or ()))
-        except InputError as exc:
-            raise input_error(exc) from None
-
-    def submit(self, ids: list[int], params: SamplingParams) -> Job:
-        job = Job(ids, params, asyncio.get_running_loop())
-        try:
-            self.scheduler.submit(job)
+            self.scheduler.submit_many(fan.jobs)
         except QueueFull as exc:
             raise APIError(429, f"the server is at capacity ({self.settings.max_queue} requests queued): retry "
                            f"after {exc.retry_after} s", type_="rate_limit_error", code="queue_full",
@@ -92,8 +65,8 @@ class _State:
         except ShuttingDown:
             raise APIError(503, "the server is shutting down: retry on another replica", type_="server_error",
                            code="shutting_down") from None
-        self.metrics.prompt_tokens.inc(len(ids))
-        return job
+        self.metrics.prompt_tokens.inc(sum(len(job.prompt_ids) for job in fan.jobs))
+        return fan
 
 
 def create_app(bundle: Bundle, generator: Generator, settings: ServeSettings,
@@ -179,51 +152,37 @@ def _add_openai_routes(app: FastAPI, state: _State) -> None:
         state.check_auth(request)
         req: CompletionRequest = parse(CompletionRequest, await _json(request))
         state.check_model(req.model)
-        ids, prompt_text = await _completion_prompt(state, req)
-        params = state.sampling(req, len(ids), req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
+        plan = await completion_plan(state, req)
         shape = Shape("cmpl", "text_completion", state.settings.model_name, chat=False)
-        return await _answer(state, request, state.submit(ids, params), shape, req, prompt_text if req.echo else "")
+        return await _answer(state, request, plan, shape, req)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         state.check_auth(request)
         req: ChatRequest = parse(ChatRequest, await _json(request))
         state.check_model(req.model)
-        try:
-            text = state.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
-        except InputError as exc:
-            raise input_error(exc, param="messages") from None
-        # Off the event loop: a long prompt must not stall the other clients' streams.
-        ids = await anyio.to_thread.run_sync(state.tokenizer.encode, text)
-        params = state.sampling(req, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
+        plan = await chat_plan(state, req)
         shape = Shape("chatcmpl", "chat.completion", state.settings.model_name, chat=True)
-        return await _answer(state, request, state.submit(ids, params), shape, req, "")
+        return await _answer(state, request, plan, shape, req)
 
 
-async def _completion_prompt(state: _State, req: CompletionRequest) -> tuple[list[int], str]:
-    """Token ids and text of a completion request's prompt (text is tokenized off the event loop)."""
-    prompt = req.single_prompt()
-    if isinstance(prompt, str):
-        ids, text = await anyio.to_thread.run_sync(state.tokenizer.encode, prompt), prompt
-    else:
-        vocab = state.bundle.config.vocab_size
-        bad = [i for i in prompt if not 0 <= i < vocab]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
-        ids, text = list(prompt), state.tokenizer.decode(prompt, skip_special_tokens=False)
-    if not ids:
-        raise APIError(400, "prompt encodes to no tokens: give some text", param="prompt")
-    return ids, text
-
-
-async def _answer(state: _State, request: Request, job: Job, shape: Shape, req: Any, echo: str) -> Any:
-    """The stream of chunks, or the whole response once the job is done."""
-    if req.stream:
-        return SSEResponse(stream_events(state.metrics, job, shape, req.include_usage, echo),
-                           media_type="text/event-stream")
-    result = await wait_result(job, request)
-    endpoint = "/v1/chat/completions" if shape.chat else "/v1/completions"
-    return shape.full(echo + result.text, result, endpoint, state.metrics, job)
+async def _answer(state: _State, request: Request, plan: Plan, shape: Shape, req: Any) -> Any:
+    """Score the prompts when echo asks for their logprobs, then generate: the stream of chunks, or the whole
+    response once every row is done."""
+    answer = Answer(state, plan, shape, req.include_usage)
+    jobs, prompt_lps = [], []
+    try:
+        if plan.score is not None:
+            scoring = state.submit(Fanout.scoring(plan))
+            await scoring.wait(request)
+            jobs, prompt_lps = scoring.jobs, scoring.prompt_logprobs
+        fan = state.submit(Fanout.generation(plan)) if plan.candidates else None
+        if req.stream:
+            return SSEResponse(answer.stream(fan, prompt_lps), media_type="text/event-stream")
+        results = await fan.wait(request) if fan is not None else []
+    except JobFailed as exc:
+        raise error_of(exc) from None
+    return answer.full(results, prompt_lps, fan.jobs if fan is not None else jobs)
 
 
 # ---- helpers ------------------------------------------------------------------------------------

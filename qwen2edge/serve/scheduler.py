@@ -9,6 +9,7 @@ up to `max_batch` requests and runs them to the end. Workers share the backend o
 its `infer` is thread-safe; otherwise one worker runs.
 
 Events for a request (text deltas, then its result) are handed to the asyncio loop that submitted it.
+A text event carries the new tokens' log-probabilities when the request asked for them.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Any
 
 from ..errors import InputError
 from ..runtime.continuous import InFlightBatch
-from ..runtime.generator import Generation, Generator
+from ..runtime.generator import Generation, Generator, Row
+from ..runtime.logits import TokenLogprob
 from ..runtime.sampling import SamplingParams
+from ..runtime.scoring import prompt_logprobs
 from .metrics import Metrics
 
 
@@ -68,6 +71,11 @@ class Job:
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     first_text_at: float | None = None
+    score_prompt: int | None = None  # echo logprobs: alternatives per prompt position (None: not asked)
+    generate: bool = True  # False: score the prompt only (max_tokens 0)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # set before the job's first event
+    result: Generation | None = None  # the row's result while it generates
+    _logprobs_sent: int = 0
 
     def cancel(self) -> None:
         """Stop generating for this request (client gone); its batch row stops at the next step."""
@@ -115,19 +123,23 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         """Queue a job; raise QueueFull when --max-queue requests already wait, ShuttingDown when closing."""
+        self.submit_many([job])
+
+    def submit_many(self, jobs: list[Job]) -> None:
+        """Queue the jobs of one request (its prompts and choices) all or none, so they share batches."""
         with self._cond:
             if self._closing:
                 raise ShuttingDown()
             self._drop_cancelled()
             # Admitted work is bounded by the slots plus the queue; --max-queue 0 still admits
             # requests while slots are free.
-            if len(self._pending) + self._running >= self.capacity + self.max_queue:
+            if len(self._pending) + self._running + len(jobs) > self.capacity + self.max_queue:
                 # Roughly when a slot frees up: the queue ahead drains at `capacity` per average latency.
-                waves = (len(self._pending) + self._running) / self.capacity
+                waves = (len(self._pending) + self._running + len(jobs)) / self.capacity
                 raise QueueFull(max(1, math.ceil(waves * self._avg_latency)))
-            self._pending.append(job)
+            self._pending.extend(jobs)
             self.metrics.queue_depth.set(len(self._pending))
-            self._cond.notify()
+            self._cond.notify(len(jobs))
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel whatever still waits or runs and join the workers (the HTTP layer drains first)."""
@@ -214,11 +226,10 @@ class Scheduler:
             self._start(jobs)
             rows = []
             for job in jobs:
-                try:
-                    rows.append((id(job), self.generator.new_row(job.prompt_ids, job.params)))
+                row = self._row(job)
+                if row is not None:
+                    rows.append((id(job), row))
                     live[id(job)] = job
-                except Exception as exc:  # checked at the HTTP layer already; never let one request stop the worker
-                    self._fail(job, exc)
             try:
                 batch.admit(rows)
                 self.metrics.batch_size.observe(len(batch))
@@ -230,9 +241,13 @@ class Scheduler:
                     self._fail(job, exc)
                 live.clear()
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, jobs: list[Job]) -> None:
+        self._start(jobs)
+        made = [(job, self._row(job)) for job in jobs]
+        batch = [job for job, row in made if row is not None]
+        if not batch:
+            return
         self.metrics.batch_size.observe(len(batch))
-        self._start(batch)
         open_rows = set(range(len(batch)))
 
         def on_finish(r: int, result: Generation) -> None:
@@ -240,7 +255,7 @@ class Scheduler:
             self._done(batch[r], result)
 
         try:
-            self.generator.generate([j.prompt_ids for j in batch], [j.params for j in batch],
+            self.generator.run_rows([row for _, row in made if row is not None],
                                     on_text=lambda r, delta: self._text(batch[r], delta),
                                     should_stop=lambda r: self._abort or batch[r].cancelled.is_set(),
                                     on_finish=on_finish)
@@ -257,11 +272,31 @@ class Scheduler:
             job.started_at = now
             self.metrics.queue_wait.observe(now - job.submitted_at)
 
+    def _row(self, job: Job) -> Row | None:
+        """The job's row, after scoring its prompt when asked; None when the job is complete or failed
+        (a prompt-only job ends here)."""
+        try:
+            if job.score_prompt is not None:
+                job.prompt_logprobs = prompt_logprobs(self.generator, job.prompt_ids, job.score_prompt)
+            if not job.generate:
+                self._done(job, Generation(prompt_ids=list(job.prompt_ids)))
+                return None
+            row = self.generator.new_row(job.prompt_ids, job.params)
+        except Exception as exc:  # checked at the HTTP layer already; never let one request stop the worker
+            self._fail(job, exc)
+            return None
+        job.result = row.result
+        return row
+
     @staticmethod
     def _text(job: Job, delta: str) -> None:
         if job.first_text_at is None:
             job.first_text_at = time.perf_counter()
-        job._post("text", delta)
+        logprobs = job.result.logprobs if job.result is not None else None
+        new: list[TokenLogprob] = []
+        if logprobs is not None:  # snapshot here, on the worker: the list keeps growing
+            new, job._logprobs_sent = logprobs[job._logprobs_sent:], len(logprobs)
+        job._post("text", (delta, new))
 
     def _done(self, job: Job, result: Generation) -> None:
         self._release(1, time.perf_counter() - job.submitted_at)

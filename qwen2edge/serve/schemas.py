@@ -8,11 +8,25 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 # Accepted for compatibility, ignored: they change nothing about the output.
-IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "suffix"})
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+# OpenAI parameters this server does not implement: refused by name, with the reason.
+REFUSED_FIELDS = {
+    "audio": "audio output is not supported: this model produces text only",
+    "modalities": "only text output is supported: drop 'modalities' or send [\"text\"]",
+    "prediction": "predicted outputs are not supported: drop 'prediction'",
+    "reasoning_effort": "this model has no reasoning mode: drop 'reasoning_effort'",
+    "verbosity": "'verbosity' is not supported: drop it and ask for brevity in the prompt",
+    "web_search_options": "web search is not supported: drop 'web_search_options'",
+    "functions": "'functions' is deprecated and not supported: send 'tools' instead",
+    "function_call": "'function_call' is deprecated and not supported: send 'tool_choice' instead",
+    "suffix": "'suffix' (insertion) is not supported: send the prompt without it",
+}
 MAX_STOP_STRINGS = 4
+MAX_N = 16  # choices per prompt (n, best_of)
+MAX_LOGPROBS = 20
 
 
 class APIError(Exception):
@@ -28,8 +42,27 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: OpenAI's name / description / schema / strict."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Common(BaseModel):
-    """Fields shared by both endpoints, with OpenAI's ranges (plus top_k / repetition_penalty extensions)."""
+    """Fields shared by both endpoints, with OpenAI's ranges, plus vLLM's extensions (top_k,
+    repetition_penalty, min_tokens, ignore_eos, guided_*)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -39,14 +72,21 @@ class _Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    n: StrictInt = Field(default=1, ge=1, le=1)
+    n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: Union[str, list[str], None] = None
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
-    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    min_tokens: StrictInt = Field(default=0, ge=0)
+    ignore_eos: StrictBool = False
+    response_format: ResponseFormat | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -65,21 +105,34 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
+    max_tokens: StrictInt | None = Field(default=None, ge=0)  # 0 with echo: score the prompt only
     echo: bool = Field(default=False)
-    logprobs: StrictInt | None = Field(default=None, le=0)
-    best_of: StrictInt | None = Field(default=None, ge=1, le=1)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    best_of: StrictInt | None = Field(default=None, ge=1, le=MAX_N)
 
-    def single_prompt(self) -> Union[str, list[int]]:
-        """The one prompt of the request (text or token ids); batches of prompts are refused."""
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The request's prompts: a string, a list of strings, token ids or lists of token ids."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise APIError(400, f"got {len(p)} prompts; this server takes one prompt per request: send one "
-                               "request per prompt (they are batched server-side)", param="prompt")
-            p = p[0]
-        if not p:
-            raise APIError(400, "prompt is empty: give at least one character or token id", param="prompt")
-        return p
+        many = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        for i, one in enumerate(many):
+            if not one:
+                where = f" (prompt {i})" if len(many) > 1 else ""
+                raise APIError(400, f"prompt is empty{where}: give at least one character or token id",
+                               param="prompt")
+        return many
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
@@ -87,6 +140,8 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict[str, Any]], None] = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """Content as plain text; only text parts are accepted."""
@@ -101,21 +156,39 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    logprobs: bool | None = Field(default=None)
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("logprobs are not supported by this server")
-        return v
-
-    def template_messages(self) -> list[dict[str, str]]:
-        # "developer" is the newer name of "system"; chat templates only know the latter.
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: StrictBool | None = None
 
 
 def parse(model: type[BaseModel], body: Any) -> Any:
@@ -126,23 +199,45 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         req = model.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
+        err["loc"] = _path(err["loc"], body, err["type"] == "missing")
         param = ".".join(str(x) for x in err["loc"]) or None
         raise APIError(400, _explain(err, body), param=param,
                        code="missing_required_parameter" if err["type"] == "missing" else "invalid_value") from None
-    unknown = sorted(set(req.model_extra or {}) - IGNORED_FIELDS)
+    extra = set(req.model_extra or {})
+    refused = sorted(name for name in extra & set(REFUSED_FIELDS) if not _harmless(name, body[name]))
+    if refused:
+        raise APIError(400, f"{REFUSED_FIELDS[refused[0]]} (got {body[refused[0]]!r})", param=refused[0],
+                       code="unsupported_parameter")
+    unknown = sorted(extra - IGNORED_FIELDS - set(REFUSED_FIELDS))
     if unknown:
         raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
                        code="unrecognized_argument")
     return req
 
 
-_UNSUPPORTED = {
-    "n": "only n=1 is supported: send n separate requests",
-    "best_of": "only best_of=1 is supported",
-    "presence_penalty": "presence_penalty is not supported: use repetition_penalty instead",
-    "frequency_penalty": "frequency_penalty is not supported: use repetition_penalty instead",
-    "logit_bias": "logit_bias is not supported",
-    "logprobs": "logprobs are not supported by this server",
+def _path(loc: tuple, body: Any, missing: bool) -> tuple:
+    """pydantic's error location as a path into the body: union members' tags (`'str'`, `'list[int]'`)
+    are dropped, so `param` names the request field."""
+    path, node = [], body
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (missing and i == len(loc) - 1):
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def _harmless(name: str, value: Any) -> bool:
+    """Refused parameters sent with their no-op value (null, an empty suffix, text-only modalities)."""
+    return value in (None, "") or (name == "modalities" and value == ["text"])
+
+
+_LIMITS = {
+    "n": f"at most {MAX_N} choices per prompt",
+    "best_of": f"at most {MAX_N} candidates per prompt",
 }
 
 
@@ -152,7 +247,6 @@ def _explain(err: dict[str, Any], body: dict[str, Any]) -> str:
     where = ".".join(loc)
     if err["type"] == "missing":
         return f"you must provide the '{where}' parameter"
-    if name in _UNSUPPORTED and name in body and err["type"] not in ("int_type", "bool_type", "dict_type"):
-        return f"{_UNSUPPORTED[name]} (got {body[name]!r})"
     value = err.get("input")
-    return f"invalid value {value!r} for '{where}': {err['msg']}"
+    hint = f" ({_LIMITS[name]})" if name in _LIMITS and err["type"] == "less_than_equal" else ""
+    return f"invalid value {value!r} for '{where}': {err['msg']}{hint}"

@@ -38,14 +38,13 @@ def test_malformed_json_is_400(tiny_server, raw):
     ("/v1/completions", {"model": "M", "prompt": "hi", "top_p": 1.5}, "top_p", "top_p"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": "ten"}, "max_tokens", "max_tokens"),
-    ("/v1/completions", {"model": "M", "prompt": "hi", "n": 2}, "n", "only n=1"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "n": 17}, "n", "at most 16 choices"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "seed": -3}, "seed", "seed"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "top_k": -1}, "top_k", "top_k"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "stop": [""]}, "stop", "non-empty"),
-    ("/v1/completions", {"model": "M", "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty", "repetition"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "presence_penalty": 2.5}, "presence_penalty", "2"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "bogus": 1}, "bogus", "Unrecognized"),
-    ("/v1/completions", {"model": "M", "prompt": ["a", "b"]}, "prompt", "one prompt per request"),
     ("/v1/completions", {"model": "M", "prompt": ""}, "prompt", "empty"),
     ("/v1/completions", {"model": "M", "prompt": [10**9]}, "prompt", "outside the vocabulary"),
     ("/v1/chat/completions", {"model": "M", "messages": []}, "messages", "messages"),
@@ -53,13 +52,81 @@ def test_malformed_json_is_400(tiny_server, raw):
      "role"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages", "text only"),
-    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
-     "logprobs", "logprobs"),
 ])
 def test_invalid_parameters_are_400(tiny_server, path, body, param, needle):
     body = {k: (tiny_server.model if v == "M" and k == "model" else v) for k, v in body.items()}
     err = _error(_post(tiny_server, path, body), 400)
     assert err["param"] == param and needle in err["message"], err
+
+
+CHAT = {"model": "M", "messages": [{"role": "user", "content": "x"}]}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("path, extra, param, needle", [
+    # several prompts and choices
+    ("/v1/completions", {"prompt": ["a", ""]}, "prompt", "empty (prompt 1)"),
+    ("/v1/completions", {"prompt": [[1, 2], [10**9]]}, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": ["a"] * 6, "n": 16}, "n", "more than this server queues"),
+    ("/v1/completions", {"prompt": "hi", "n": 3, "best_of": 2}, "best_of", "must be >= n"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3, "stream": True}, "best_of", "cannot be streamed"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 17}, "best_of", "at most 16 candidates"),
+    # logprobs and echo
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "less than or equal to 20"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "echo"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "20"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "logprobs set to true"),
+    # penalties, bias, vLLM extensions
+    ("/v1/completions", {"prompt": "hi", "frequency_penalty": -2.5}, "frequency_penalty", "-2"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias", "not a token id"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"999999999": 1}}, "logit_bias", "not a token id"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 20, "max_tokens": 5}, "min_tokens", "'max_tokens'"),
+    ("/v1/completions", {"prompt": "hi", "ignore_eos": "yes"}, "ignore_eos", "boolean"),
+    # structured outputs
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format.json_schema", "'schema'"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+     "response_format.json_schema.name", "'response_format.json_schema.name'"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "strin"}}}}, "response_format", "Invalid type: strin"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "(?=a)"}}}}, "response_format", "look-around"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "[a-"}, "guided_regex", "unclosed character class"),
+    ("/v1/completions", {"prompt": "hi", "guided_choice": []}, "guided_choice", "at least 1"),
+    ("/v1/completions", {"prompt": "hi", "guided_grammar": "start: foo"}, "guided_grammar", "unknown name"),
+    ("/v1/completions", {"prompt": "hi", "guided_json": "{not json"}, "guided_json", "no valid JSON schema"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice", "only one"),
+    # tools
+    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice", "'nope'"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice", "no 'tools'"),
+    ("/v1/chat/completions", {"tools": [{"type": "retrieval"}]}, "tools.0.type", "function"),
+    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice", "sometimes"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}]},
+     "messages.1.tool_call_id", "tool_call_id"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+     "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages.0.tool_calls.0.function.arguments", "not valid JSON"),
+    # OpenAI parameters this server refuses by name
+    ("/v1/completions", {"prompt": "hi", "suffix": "end"}, "suffix", "insertion"),
+    ("/v1/chat/completions", {"audio": {"voice": "alloy"}}, "audio", "text only"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities", "text"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions", "'tools'"),
+    ("/v1/chat/completions", {"reasoning_effort": "high"}, "reasoning_effort", "reasoning"),
+    ("/v1/chat/completions", {"parallel_tool_calls": "no"}, "parallel_tool_calls", "boolean"),
+])
+def test_new_parameters_refuse_bad_values_by_name(tiny_server, path, extra, param, needle):
+    base = {"model": tiny_server.model, **({} if path == "/v1/completions" else {"messages": CHAT["messages"]})}
+    err = _error(_post(tiny_server, path, {**base, **extra}), 400)
+    assert err["param"] == param and needle in err["message"], err
+
+
+def test_harmless_values_of_refused_parameters_pass(tiny_server):
+    body = {"model": tiny_server.model, "messages": CHAT["messages"], "max_tokens": 2, "modalities": ["text"],
+            "user": "u1", "prompt_cache_key": "k"}
+    assert _post(tiny_server, "/v1/chat/completions", body).status_code == 200
+    body = {"model": tiny_server.model, "prompt": "hi", "max_tokens": 2, "suffix": None}
+    assert _post(tiny_server, "/v1/completions", body).status_code == 200
 
 
 def test_prompt_beyond_the_context_is_400(tiny_server):
