@@ -29,7 +29,8 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 @dataclass(frozen=True)
 class Grammar:
     """What a row's output must match. `kind` is one of KINDS; `source` the schema (JSON text), regex,
-    choices (JSON list of strings) or Lark text; `option` names the setting it came from, for errors."""
+    choices (JSON list of strings) or grammar (Lark, or llama.cpp's GBNF); `option` names the setting it
+    came from, for errors."""
 
     kind: str
     source: str
@@ -56,7 +57,13 @@ class Grammar:
         if self.kind == "choice":
             choices = json.loads(self.source)
             return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
-        return LLMatcher.grammar_from_lark(self.source)
+        from llguidance import grammar_from
+
+        try:  # Lark, or llama.cpp's GBNF (converted to Lark)
+            return grammar_from("grammar", self.source)
+        except ValueError as exc:
+            raise InputError(f"{{opt:{self.option}}} is neither Lark nor GBNF ({_one_line(exc)}): fix the "
+                             "grammar") from None
 
 
 def _one_line(text: object) -> str:

@@ -63,6 +63,7 @@ def test_json_schema_outputs_validate_over_seeds(gen):
     (Grammar("choice", json.dumps(["yes", "no", "maybe later"])), lambda t: t in ("yes", "no", "maybe later")),
     (Grammar("lark", 'start: "(" num ("+" num)* ")"\nnum: /[0-9]{1,3}/'),
      lambda t: re.fullmatch(r"\([0-9]{1,3}(\+[0-9]{1,3})*\)", t)),
+    (Grammar("lark", 'root ::= "<" [a-c]+ ">"'), lambda t: re.fullmatch(r"<[a-c]+>", t)),  # GBNF
     (Grammar.json_schema({"type": "object"}), lambda t: isinstance(json.loads(t), dict)),
 ])
 def test_regex_choice_lark_and_any_object(gen, grammar, check):
@@ -105,6 +106,7 @@ def test_in_flight_rows_with_and_without_grammar(gen):
     (Grammar.json_schema({"$ref": "#/$defs/missing"}, "guided_json"), "missing"),
     (Grammar("regex", "[a-", "guided_regex"), "unclosed character class"),
     (Grammar("lark", "start: foo", "guided_grammar"), 'unknown name: "foo"'),
+    (Grammar("lark", "root ::= foo", "guided_grammar"), "Rule 'foo' not found"),
 ])
 def test_bad_grammars_are_one_line_input_errors(grammar, needle):
     with pytest.raises(InputError) as exc:

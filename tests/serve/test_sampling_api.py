@@ -81,6 +81,13 @@ def test_scoring_only_requests(tiny_server, client, local, hf_reference_factory)
         ref = _log_softmax(hf_reference_factory, model_dir, ids)
         got = np.array(choice.logprobs.token_logprobs[1:])
         assert np.abs(got - ref[np.arange(len(ids) - 1), ids[1:]]).max() < TOL
+    chunks = list(client.completions.create(model=tiny_server.model, prompt=prompts, echo=True, logprobs=1,
+                                            max_tokens=0, stream=True))
+    for choice in out.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text and mine[-1].finish_reason == "length"
+        assert _joined([c for c in chunks if c.choices[0].index == choice.index], "token_logprobs") == \
+            choice.logprobs.token_logprobs
 
 
 @pytest.mark.parametrize("stream", [False, True])
