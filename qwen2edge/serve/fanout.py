@@ -16,6 +16,7 @@ from fastapi import Request
 
 from ..runtime.generator import Generation
 from ..runtime.logits import TokenLogprob
+from ..runtime.sampling import SamplingParams
 from .plan import Plan
 from .scheduler import Job, ShuttingDown
 
@@ -62,8 +63,6 @@ class Fanout:
     @classmethod
     def scoring(cls, plan: Plan) -> "Fanout":
         """One prompt-only job per prompt (echo + logprobs)."""
-        from ..runtime.sampling import SamplingParams
-
         loop = asyncio.get_running_loop()
         return cls([Job(ids, SamplingParams(max_new_tokens=1), loop, score_prompt=plan.score, generate=False)
                     for ids in plan.prompts])

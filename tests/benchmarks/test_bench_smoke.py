@@ -58,3 +58,16 @@ def test_first_load_memory_prints_three_loads(tiny_bundle_factory):
     for row in rows:
         load_s, rss, peak = (float(x) for x in row.split()[-3:])
         assert load_s > 0 and 0 < rss <= peak, row
+
+
+@pytest.mark.slow
+def test_structured_decode_prints_the_table(tiny_bundle_factory):
+    _, bundle = tiny_bundle_factory("gqa")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "structured_decode.py"), "--bundle", str(bundle),
+                           "--max-tokens", "24", "--repeats", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("greedy", "T=0.7"))]
+    assert len(rows) == 3, proc.stdout
+    for row in rows:  # steps, plain tok/s, json_schema tok/s, ratio: all measured
+        numbers = [float(x) for x in re.findall(r"\d+\.\d+|\b\d+\b", row.split(",", 1)[1])[1:5]]
+        assert len(numbers) == 4 and all(n > 0 for n in numbers), row

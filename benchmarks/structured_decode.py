@@ -1,0 +1,108 @@
+"""Decode speed of the default model with and without a json_schema constraint (llguidance, per-row masks).
+
+For each setting the constrained run goes first and its token count sets the plain run's length (the plain
+run never stops early), so both decode the same number of steps over the same cache lengths; runs are
+interleaved and each figure is a median over --repeats. The grammar engine's one-time build (per
+tokenizer, per server) is timed apart. Prints a table; no torch needed. Usage:
+    python benchmarks/structured_decode.py [--bundle DIR] [--max-tokens 256] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # qwen2edge from this checkout
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "books": {"type": "array", "minItems": 3, "maxItems": 3, "items": {
+            "type": "object",
+            "properties": {"title": {"type": "string", "maxLength": 80}, "author": {"type": "string", "maxLength": 60},
+                           "year": {"type": "integer", "minimum": 1000, "maximum": 2030},
+                           "summary": {"type": "string", "maxLength": 150}},
+            "required": ["title", "author", "year", "summary"], "additionalProperties": False}},
+    },
+    "required": ["books"],
+    "additionalProperties": False,
+}
+ASK = ("List three classic novels as JSON: an object with a 'books' array; each book has title, author, year and a "
+       "two-sentence summary.")
+SETTINGS = (("greedy, 1 row", 1, {}), ("T=0.7 seed, 1 row", 1, {"temperature": 0.7, "seed": 1}),
+            ("greedy, 4 rows", 4, {}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, default=None, help="bundle dir (default: the demo's fp32 default model)")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    from qwen2edge.runtime.bundle import Bundle
+    from qwen2edge.runtime.constrain import Grammar
+    from qwen2edge.runtime.sampling import SamplingParams
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    bundle_dir = args.bundle or _default_bundle(log)
+    bundle = Bundle.open(bundle_dir)
+    gen = bundle.generator()
+    ids = bundle.tokenizer.encode(bundle.tokenizer.chat_prompt(ASK))
+    t0 = time.perf_counter()
+    gen.grammar_engine()
+    build_s = time.perf_counter() - t0
+    grammar = Grammar.json_schema(SCHEMA)
+
+    def run(rows: int, extra: dict, constrained: bool, n: int) -> tuple[float, int, str]:
+        kw = dict(max_new_tokens=n, **extra)
+        params = SamplingParams(grammar=grammar, **kw) if constrained else SamplingParams(stop_token_ids=(-1,), **kw)
+        results, t = gen.generate([ids] * rows, [params] * rows)
+        return t.decode_tokens_per_s * rows, min(len(r.token_ids) for r in results), results[0].text
+
+    table = []
+    for name, rows, extra in SETTINGS:
+        run(rows, extra, True, args.max_tokens)  # warm-up
+        steps = run(rows, extra, True, args.max_tokens)[1]
+        plain, constrained, valid = [], [], True
+        for i in range(args.repeats):
+            log(f"{name}: run {i + 1}/{args.repeats}")
+            rate, _, text = run(rows, extra, True, args.max_tokens)
+            constrained.append(rate)
+            valid &= _parses(text)
+            plain.append(run(rows, extra, False, steps)[0])
+        table.append((name, steps, statistics.median(plain), statistics.median(constrained), valid))
+
+    load = os.getloadavg()[0]
+    print(f"{bundle_dir.name}: prompt {len(ids)} tokens, json_schema (3 books), {os.cpu_count()} cores, "
+          f"load avg {load:.1f}, median of {args.repeats}; grammar engine build (once) {build_s:.2f} s")
+    print(f"{'setting':<20} {'steps':>6} {'plain tok/s':>12} {'json_schema tok/s':>18} {'ratio':>6} {'valid':>6}")
+    for name, steps, plain, constrained, valid in table:
+        print(f"{name:<20} {steps:>6} {plain:>12.1f} {constrained:>18.1f} {constrained / plain:>6.3f} "
+              f"{'yes' if valid else 'NO':>6}")
+    if load > (os.cpu_count() or 1) * 0.5:
+        print("warning: the machine was busy during the run; figures are noisy", file=sys.stderr)
+
+
+def _parses(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _default_bundle(log) -> Path:
+    from qwen2edge.demo import cached_bundle
+    from qwen2edge.exporter.gguf_convert import default_model_dir, ensure_default_model
+
+    model_dir = ensure_default_model(progress=log)
+    return cached_bundle(model_dir, default_model_dir().parent / "smollm2-135m-instruct-onnx-fp32", log)
+
+
+if __name__ == "__main__":
+    main()
