@@ -70,8 +70,7 @@ def main() -> None:
 
     table, greedy_ids, step_ms = [], [], []
     for name, rows, extra in SETTINGS:
-        run(rows, extra, True, args.max_tokens)  # warm-up
-        steps = run(rows, extra, True, args.max_tokens)[1]
+        steps = run(rows, extra, True, args.max_tokens)[1]  # also the warm-up
         plain, constrained, valid = [], [], True
         for i in range(args.repeats):
             log(f"{name}: run {i + 1}/{args.repeats}")

@@ -166,7 +166,10 @@ class Answer:
                         yield _sse(error_of(payload if kind == "error" else ShuttingDown()).body())
                         yield "data: [DONE]\n\n"
                         return
-                    for text in (streams[j].text(*payload) if kind == "text" else streams[j].done(payload)):
+                    if kind == "logprobs":  # the records of the tokens behind the next text event
+                        streams[j].pending += payload
+                        continue
+                    for text in (streams[j].text(payload) if kind == "text" else streams[j].done(payload)):
                         yield text
                 record(self.state.metrics, fan.jobs, self.shape.endpoint)
             if self.include_usage:
@@ -207,9 +210,11 @@ class _ChoiceStream:
         self.chat_lp = wants and answer.shape.chat
         self.tools = tools.ToolStream() if answer.plan.tools else None
         self.sent = 0  # logprob entries already sent
+        self.pending: list[TokenLogprob] = []  # entries of the next text event
         self.held: list[TokenLogprob] = []  # chat: entries waiting for a delta to ride on
 
-    def text(self, delta: str, entries: list[TokenLogprob]) -> list[str]:
+    def text(self, delta: str) -> list[str]:
+        entries, self.pending = self.pending, []
         self.sent += len(entries)
         if not self.a.shape.chat:
             frag = self.lp.add([e.token for e in entries], entries) if self.lp is not None else None

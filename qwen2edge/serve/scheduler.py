@@ -9,7 +9,8 @@ up to `max_batch` requests and runs them to the end. Workers share the backend o
 its `infer` is thread-safe; otherwise one worker runs.
 
 Events for a request (text deltas, then its result) are handed to the asyncio loop that submitted it.
-A text event carries the new tokens' log-probabilities when the request asked for them.
+When the request asked for log-probabilities, a "logprobs" event with the new tokens' records comes
+right before each text event.
 """
 
 from __future__ import annotations
@@ -293,10 +294,11 @@ class Scheduler:
         if job.first_text_at is None:
             job.first_text_at = time.perf_counter()
         logprobs = job.result.logprobs if job.result is not None else None
-        new: list[TokenLogprob] = []
-        if logprobs is not None:  # snapshot here, on the worker: the list keeps growing
-            new, job._logprobs_sent = logprobs[job._logprobs_sent:], len(logprobs)
-        job._post("text", (delta, new))
+        if logprobs is not None and len(logprobs) > job._logprobs_sent:  # snapshot on the worker: the list grows
+            new: list[TokenLogprob] = logprobs[job._logprobs_sent:]
+            job._logprobs_sent = len(logprobs)
+            job._post("logprobs", new)
+        job._post("text", delta)
 
     def _done(self, job: Job, result: Generation) -> None:
         self._release(1, time.perf_counter() - job.submitted_at)
