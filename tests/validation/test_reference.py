@@ -1,0 +1,48 @@
+"""The reference's own parts: the quantized weights it rebuilds, and the float64 implementation's independence."""
+
+import ast
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from qwen2edge.bundle_manifest import QuantizationRecord
+from qwen2edge.errors import BundleError
+from qwen2edge.exporter.quantize import quantize_blocks
+from qwen2edge.validation import naive
+from qwen2edge.validation.storage import WeightQuantization, dequantized
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_rebuilt_grid_equals_the_exporters_bit_for_bit(scheme):
+    """storage.py is written from the recipe's definition, not from the exporter: the two must agree exactly,
+    on skewed, all-positive, all-negative and all-zero blocks too."""
+    w = np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32) * 0.05  # [N, K] as in a checkpoint
+    w[0, :32] += 0.3
+    w[1, 32:64] = np.abs(w[1, 32:64])
+    w[2, 64:96] = -np.abs(w[2, 64:96])
+    w[3, 96:128] = 0.0
+    q, scale, zp = quantize_blocks(w.T.copy(), scheme, 32)  # the exporter's layout: [K, N]
+    zero = 0 if zp is None else np.repeat(zp.astype(np.float32), 32, axis=0)
+    want = ((q.astype(np.float32) - zero) * np.repeat(scale, 32, axis=0)).T
+    np.testing.assert_array_equal(dequantized(torch.from_numpy(w), scheme, 32).numpy(), want)
+
+
+def test_an_unknown_quantization_recipe_is_refused():
+    """A recipe the reference cannot rebuild (say a changed int4 grid) is refused, not silently misjudged."""
+    record = QuantizationRecord.from_dict({"scheme": "int4", "block_size": 32, "embeddings": True,
+                                           "format": "DequantizeLinear(block_size)+MatMul", "weights": "int4 symmetric"})
+    with pytest.raises(BundleError, match="not one this qwen2edge can rebuild"):
+        WeightQuantization.from_record(record)
+    assert WeightQuantization.from_record(None) is None
+    known = QuantizationRecord.from_dict({**record.to_dict(), "weights": "uint4 asymmetric (zero point per block)"})
+    assert WeightQuantization.from_record(known).describe().startswith("uint4 asymmetric")
+
+
+def test_float64_reference_shares_no_code_with_what_it_checks():
+    """naive.py imports nothing from the graph, the position code or the config parser: only numpy."""
+    tree = ast.parse(inspect.getsource(naive))
+    imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported <= {"__future__", "math", "typing", "numpy"}, imported
