@@ -216,8 +216,8 @@ def library_versions() -> dict[str, str]:
 def copy_tokenizer(model_dir: Path, dest: Path) -> list[str]:
     """Copy tokenizer and generation config files; tokenizer.json is required."""
     if not (model_dir / "tokenizer.json").is_file():
-        raise InputError(f"{model_dir} has no tokenizer.json: save the tokenizer with the checkpoint "
-                         "(tokenizer.save_pretrained) and export again")
+        raise InputError(f"{model_dir} has no tokenizer.json: copy the model's tokenizer.json (and "
+                         "tokenizer_config.json) into that directory and export again")
     copied = []
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
