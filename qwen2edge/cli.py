@@ -255,23 +255,38 @@ def generate(bundle_dir: str, prompt: str | None, prompt_ids: str | None, chat: 
                  f"{t['decode_tokens_per_s']:.1f} tok/s, finish: {result['finish_reason']}]")
 
 
+def accuracy_options(f: Callable) -> Callable:
+    """Options `validate` and `compare` share (one engine, validation/engine.py)."""
+    opts = [
+        click.option("--steps", type=click.IntRange(1, 4096), default=32, show_default=True,
+                     help="Teacher-forced decode steps and greedy tokens compared per prompt."),
+        click.option("--long-prompt-tokens", type=int, default=0, show_default=True,
+                     help="Add a prompt of this many tokens (reach past YaRN's L0 or DCA's chunk period)."),
+        click.option("--threshold", "thresholds", multiple=True, metavar="KEY=VALUE",
+                     help="Override a pass/fail bound (repeatable), e.g. --threshold max_abs=0.1."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (report.json's schema)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.argument("bundle_dir", type=click.Path(path_type=str))
-@click.option("--steps", type=click.IntRange(1, 4096), default=32, show_default=True,
-              help="Teacher-forced decode steps and greedy tokens compared.")
-@click.option("--long-prompt-tokens", type=int, default=0, show_default=True,
-              help="Add a prompt of this many tokens (reach past YaRN's L0 or DCA's chunk period).")
-@click.option("--json", "as_json", is_flag=True)
+@accuracy_options
 @backend_option
-def validate(model_dir: str, bundle_dir: str, steps: int, long_prompt_tokens: int, as_json: bool, backend: str) -> None:
-    """Compare a bundle with its reference (transformers; for DCA the project's PyTorch graph)."""
-    from .validation.validate import require_pass, validate as run
+def validate(model_dir: str, bundle_dir: str, steps: int, long_prompt_tokens: int, thresholds: tuple[str, ...],
+             as_json: bool, backend: str) -> None:
+    """Quick accuracy check of a bundle against its reference (compare's engine, three prompts)."""
+    from .validation.results import require_pass
+    from .validation.thresholds import parse_overrides
+    from .validation.validate import table, validate as run
 
-    report = run(model_dir, bundle_dir, steps=steps, backend=backend, long_prompt_tokens=long_prompt_tokens,
-                 progress=progress)
-    click.echo(json.dumps(report.to_dict(), ensure_ascii=False) if as_json else report.table())
-    require_pass(report)
+    result = run(model_dir, bundle_dir, steps=steps, backend=backend, long_prompt_tokens=long_prompt_tokens,
+                 overrides=parse_overrides(thresholds), progress=progress)
+    click.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else table(result))
+    require_pass(result)
 
 
 @main.command()
@@ -331,28 +346,28 @@ def triton_repo(bundle_dir: str, out_dir: str, **options: Any) -> None:
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.argument("bundle_dir", metavar="OUT_DIR", type=click.Path(path_type=str))
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "trt"]),
-              help="Backend to compare (repeatable; default ort). trt needs TensorRT and a GPU.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "trt", "ort-graph"]),
+              help="Backend to compare (repeatable; default ort). trt needs TensorRT and a GPU. Quantized bundles "
+                   "also run ort-graph, the graph's own arithmetic.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=str), default=None,
               help="JSONL prompt file (format in docs/compare.md); default: the built-in set.")
-@click.option("--steps", type=click.IntRange(1, 4096), default=32, show_default=True,
-              help="Teacher-forced steps and greedy tokens per prompt.")
 @click.option("--report", "report_dir", type=click.Path(path_type=str), default=None,
               help="Report directory (default: compare-<bundle name> in the current directory).")
-@click.option("--threshold", "thresholds", multiple=True, metavar="KEY=VALUE",
-              help="Override a pass/fail threshold (repeatable), e.g. --threshold max_abs=0.1.")
 @click.option("--no-layers", is_flag=True, help="Skip per-layer drift (saves a debug re-export).")
-@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary table.")
+@accuracy_options
 def compare(model_dir: str, bundle_dir: str, backends: tuple[str, ...], prompts_file: str | None, steps: int,
-            report_dir: str | None, thresholds: tuple[str, ...], no_layers: bool, as_json: bool) -> None:
-    """Accuracy report: transformers fp32 vs each backend, per step and per layer; exit 5 on failure."""
+            long_prompt_tokens: int, report_dir: str | None, thresholds: tuple[str, ...], no_layers: bool,
+            as_json: bool) -> None:
+    """Accuracy report: each backend vs the reference, per step and per layer; exit 5 on failure."""
     from .validation.compare import compare_to_report
-    from .validation.report import require_pass, summary_table
+    from .validation.report import summary_table
+    from .validation.results import require_pass
 
-    report, out = compare_to_report(model_dir, bundle_dir, backends, prompts_file, steps, report_dir, thresholds,
-                                    layers=not no_layers, progress=progress)
+    result, out = compare_to_report(model_dir, bundle_dir, backends, prompts_file, steps, report_dir, thresholds,
+                                    layers=not no_layers, long_prompt_tokens=long_prompt_tokens, progress=progress)
+    report = result.to_dict()
     click.echo(json.dumps(report, ensure_ascii=False) if as_json else summary_table(report))
-    require_pass(report, out)
+    require_pass(result, out)
 
 
 @main.command()

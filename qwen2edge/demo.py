@@ -34,14 +34,15 @@ def run_demo(cache_dir: str | None, prompt: str, echo: Callable[[str], None],
     from .exporter.gguf_convert import default_model_dir, ensure_default_model
     from .runtime import api
     from .runtime.sampling import SamplingParams
-    from .validation.validate import require_pass, validate
+    from .validation.results import require_pass
+    from .validation.validate import table, validate
 
     model_dir = ensure_default_model(cache_dir, progress=progress)
     root = default_model_dir(cache_dir).parent
     bundle_dir = cached_bundle(model_dir, root / "smollm2-135m-instruct-onnx-fp32", progress)
     report = validate(model_dir, bundle_dir, steps=steps, progress=progress)
     echo("\nValidation against transformers:")
-    echo(report.table())
+    echo(table(report))
     echo(f"\nQ: {prompt}")
     t0 = time.perf_counter()
     result = api.generate(bundle_dir, prompt=prompt, chat=True, params=SamplingParams(max_new_tokens=64))

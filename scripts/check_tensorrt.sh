@@ -67,8 +67,8 @@ for name in ("export", "check", "build", "validate", "bench-ort", "bench-trt"):
             detail = out.splitlines()[0]
         elif name == "validate":
             r = json.loads(out)
-            detail = f"max|d| {max(max(p['prefill_max_abs'], p['decode_max_abs']) for p in r['prompts']):.3g}, " \
-                     f"top1 {min(p['top1_agreement'] for p in r['prompts']):.1%}, failures {len(r['failures'])}"
+            b = next(b for b in r["backends"] if b["backend"] == "trt")["summary"]
+            detail = f"max|d| {b['max_abs']:.3g}, top1 {b['min_top1']:.1%}, failures {len(r['failures'])}"
         elif name.startswith("bench"):
             t = json.loads(out)["timings"]
             detail = f"prefill {t['prefill_s'] * 1000:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tok/s, " \

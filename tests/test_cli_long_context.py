@@ -67,7 +67,8 @@ def test_validate_dca_names_its_reference(yarn_plus_dca_bundle):
     model, out, _ = yarn_plus_dca_bundle
     proc = run_cli("validate", str(model), str(out), "--steps", "6", "--long-prompt-tokens", "40")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "reference: qwen2edge PyTorch graph" in proc.stdout and "transformers has no DCA" in proc.stdout
+    assert "reference: qwen2edge float64 reference" in proc.stdout
+    assert "transformers has no Dual Chunk Attention" in proc.stdout
     assert "<long prompt, 40 tokens>" in proc.stdout and "PASS" in proc.stdout
 
 
@@ -77,8 +78,9 @@ def test_validate_yarn_beyond_original_length_against_transformers(tiny_bundle_f
     proc = run_cli("validate", str(model), str(bundle), "--steps", "8", "--long-prompt-tokens", "160", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads(proc.stdout)
-    assert rep["reference"].startswith("transformers") and rep["passed"] and rep["long_context"].startswith("YaRN")
-    assert rep["prompts"][-1]["prompt_tokens"] == 160 and not rep["notes"]
+    assert rep["reference"]["name"].startswith("transformers") and rep["passed"]
+    assert rep["bundle"]["long_context"].startswith("YaRN")
+    assert rep["backends"][0]["prompts"][-1]["prompt_tokens"] == 160 and not rep["notes"]
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, ValidationError
+from ..errors import InputError
 from ..manifest import atomic_directory, write_json_atomic
-from .report_html import render_html
+from .report_html import bundle_kind, render_html
 
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
@@ -18,16 +18,16 @@ def _f(x: float | None, fmt: str = ".2e") -> str:
 
 def summary_table(report: dict[str, Any]) -> str:
     """One markdown row per backend: the aggregates the verdict is based on."""
-    head = ("| backend | dtype | max abs | mean abs | max rel | min cos | mean KL | top-1 | top-5 | greedy | "
+    head = ("| backend | dtype | row | max abs | mean abs | max rel | min cos | mean KL | top-1 | top-5 | greedy | "
             "ppl delta | worst layer rel | verdict |")
-    rows = [head, "|---|---|" + "---:|" * 10 + "---|"]
+    rows = [head, "|---|---|---|" + "---:|" * 10 + "---|"]
     layer = report.get("layers")
-    worst = max((r["rel_l2"] for r in layer["rows"]), default=None) if layer else None
     for b in report["backends"]:
         s = b["summary"]
+        worst = max(r["rel_l2"] for r in layer["rows"]) if layer and layer["backend"] == b["backend"] else None
         rows.append(
-            f"| {b['backend']} | {report['dtype']} | {_f(s['max_abs'])} | {_f(s['mean_abs'])} | {_f(s['max_rel'])} | "
-            f"{s['min_cosine']:.6f} | {_f(s['mean_kl'])} | {s['top1']:.1%} | {s['top5']:.1%} | "
+            f"| {b['backend']} | {report['dtype']} | {b['tolerance_row']} | {_f(s['max_abs'])} | {_f(s['mean_abs'])} | "
+            f"{_f(s['max_rel'])} | {s['min_cosine']:.6f} | {_f(s['mean_kl'])} | {s['top1']:.1%} | {s['top5']:.1%} | "
             f"{s['greedy_match']}/{s['greedy_steps']} | {_f(s['max_ppl_delta'])} | {_f(worst)} | "
             f"{'PASS' if b['passed'] else 'FAIL'} |")
     return "\n".join(rows)
@@ -45,17 +45,28 @@ def layer_table(report: dict[str, Any]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: verdict, summary, failures, per-prompt, perplexity and per-layer tables."""
-    out = [f"# qwen2edge compare: {'PASS' if report['passed'] else 'FAIL'}", "",
-           f"- reference: {report['reference']}", f"- model: `{report['model_dir']}`",
-           f"- bundle: `{report['bundle_dir']}` ({report['dtype']})",
+    ref, bundle = report["reference"], report["bundle"]
+    out = [f"# qwen2edge {report['preset']}: {report['verdict']}", "",
+           f"- reference: {ref['name']}; weights: {ref['weights']}", f"- model: `{report['model_dir']}`",
+           f"- bundle: `{report['bundle_dir']}` ({bundle_kind(report)})",
            f"- {report['steps']} teacher-forced steps per prompt; created {report['created']}; "
-           f"schema {report['schema']}/{report['schema_version']}", "", "## Summary", "", summary_table(report), ""]
+           f"schema {report['schema']}/{report['schema_version']}", ""]
+    out += [f"- note: {n}" for n in report["notes"]]
+    out += ["", "## Summary", "", summary_table(report), ""]
     for b in report["backends"]:
         if b["failures"]:
             out += [f"### {b['backend']} failures", ""] + [f"- {f}" for f in b["failures"]] + [""]
-    out += ["## Thresholds", "", "| key | value |", "|---|---:|"]
-    out += [f"| {k}{' (override)' if k in report['threshold_overrides'] else ''} | {v:g} |"
-            for k, v in report["thresholds"].items()]
+    if report.get("layers") and report["layers"]["failures"]:
+        out += ["### per-layer drift failures", ""] + [f"- {f}" for f in report["layers"]["failures"]] + [""]
+    out += ["## Thresholds", "", "| backend | row | key | must be | bound |", "|---|---|---|---|---:|"]
+    out += [f"| {b['backend']} | {b['tolerance_row']} | {c['key']}{' (override)' if c['key'] in report['threshold_overrides'] else ''} "
+            f"| {c['passes_when']} | {c['bound']:g} |" for b in report["backends"] for c in b["checks"]]
+    if report["storage_cost"]:
+        out += ["", "## Quantization cost (reference side)", "",
+                "Perplexity of the reference with the checkpoint's weights and with the bundle's quantized weights "
+                "(no runtime involved).", "", "| text | tokens | ppl checkpoint | ppl quantized |", "|---|---:|---:|---:|"]
+        out += [f"| {q['id']} | {q['tokens']} | {q['ppl_checkpoint']:.4f} | {q['ppl_quantized']:.4f} |"
+                for q in report["storage_cost"]]
     for b in report["backends"]:
         out += ["", f"## {b['backend']}: per prompt", "",
                 "| prompt | category | tokens | prefill max abs | steps max abs | min cos | mean KL | top-1 | greedy |",
@@ -74,7 +85,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("layers"):
         lay = report["layers"]
         out += ["", "## Per-layer drift", "",
-                f"Hidden states from the {lay['source']} on ONNX Runtime vs transformers' output_hidden_states, "
+                f"Hidden states from the {lay['source']} on {lay['backend']} vs the reference's, "
                 "worst over the prompts' teacher-forced sequences. "
                 f"Largest increase in relative drift: **{lay['largest_jump_name']}**"
                 + (f"; first over {lay['threshold']:g}: **{lay['first_over_name']}**." if lay["first_over"] is not None
@@ -96,13 +107,3 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
         (tmp / "report.md").write_text(render_markdown(report), encoding="utf-8")
         (tmp / "report.html").write_text(render_html(report), encoding="utf-8")
     return out_dir
-
-
-def require_pass(report: dict[str, Any], report_dir: str | Path | None = None) -> None:
-    """ValidationError (exit code 5) when any backend failed its thresholds."""
-    if report["passed"]:
-        return
-    failures = [f"{b['backend']}: {f}" for b in report["backends"] for f in b["failures"]]
-    where = f"see {Path(report_dir) / 'report.html'}" if report_dir else "see the report"
-    raise ValidationError(f"compare failed ({'; '.join(failures[:2])}{'; ...' if len(failures) > 2 else ''}): "
-                          f"{where}; fix the export or relax with --threshold KEY=VALUE")

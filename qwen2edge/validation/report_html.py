@@ -61,33 +61,52 @@ def charts(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def bundle_kind(report: dict[str, Any]) -> str:
+    """One line: dtype, quantization, long context (and whether flags set it), debug / external data."""
+    b = report["bundle"]
+    q = b["quantization"]
+    parts = [b["dtype"] + (f", {q['scheme']} block {q['block_size']}" if q else ""),
+             b["long_context"] + (" (export flags)" if b["long_context_overrides"] else "")]
+    parts += [name for name, on in (("debug hidden states", b["debug_hidden_states"]),
+                                    ("external data", b["external_data"])) if on]
+    return "; ".join(parts)
+
+
+def _worst_layer(lay: dict[str, Any] | None, backend: str) -> str:
+    return f"{max(r['rel_l2'] for r in lay['rows']):.2e}" if lay and lay["backend"] == backend else "n/a"
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The whole page."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>qwen2edge compare</title>"
              f"<style>{CSS}</style></head><body>",
-             f"<h1>qwen2edge compare: {_verdict(report['passed'])}</h1>",
-             f"<p>Reference: {escape(report['reference'])}<br>Model: <code>{escape(report['model_dir'])}</code><br>"
-             f"Bundle: <code>{escape(report['bundle_dir'])}</code> ({escape(report['dtype'])}); "
+             f"<h1>qwen2edge {escape(report['preset'])}: {_verdict(report['passed'])}</h1>",
+             f"<p>Reference: {escape(report['reference']['name'])}; weights: {escape(report['reference']['weights'])}"
+             f"<br>Model: <code>{escape(report['model_dir'])}</code><br>"
+             f"Bundle: <code>{escape(report['bundle_dir'])}</code> ({escape(bundle_kind(report))}); "
              f"{report['steps']} teacher-forced steps per prompt; {escape(report['created'])}</p>",
+             *(f"<p>Note: {escape(n)}</p>" for n in report["notes"]),
              "<h2>Summary</h2>"]
     lay = report.get("layers")
-    worst_layer = max(r["rel_l2"] for r in lay["rows"]) if lay else None
     parts.append(_table(
-        ["backend", "max abs", "mean abs", "max rel", "min cos", "mean KL", "top-1", "top-5", "greedy",
+        ["backend", "row", "max abs", "mean abs", "max rel", "min cos", "mean KL", "top-1", "top-5", "greedy",
          "ppl delta", "worst layer rel", "verdict"],
-        [[escape(b["backend"]), f"{s['max_abs']:.2e}", f"{s['mean_abs']:.2e}", f"{s['max_rel']:.2e}",
+        [[escape(b["backend"]), escape(b["tolerance_row"]), f"{s['max_abs']:.2e}", f"{s['mean_abs']:.2e}", f"{s['max_rel']:.2e}",
           f"{s['min_cosine']:.6f}", f"{s['mean_kl']:.2e}", f"{s['top1']:.1%}", f"{s['top5']:.1%}",
           f"{s['greedy_match']}/{s['greedy_steps']}",
           "n/a" if s["max_ppl_delta"] is None else f"{s['max_ppl_delta']:.2e}",
-          "n/a" if worst_layer is None else f"{worst_layer:.2e}", _verdict(b["passed"])]
+          _worst_layer(lay, b["backend"]), _verdict(b["passed"])]
          for b in report["backends"] for s in [b["summary"]]]))
     for b in report["backends"]:
         if b["failures"]:
             parts.append(f"<p><b>{escape(b['backend'])} failures</b></p><ul>"
                          + "".join(f"<li>{escape(f)}</li>" for f in b["failures"]) + "</ul>")
+    if lay and lay["failures"]:
+        parts.append("<p><b>per-layer drift failures</b></p><ul>"
+                     + "".join(f"<li>{escape(f)}</li>" for f in lay["failures"]) + "</ul>")
     if lay:
         where = lay["first_over_name"] or "nowhere above the threshold"
-        parts.append(f"<p>Per-layer drift ({escape(lay['source'])}, ONNX Runtime): error enters at "
+        parts.append(f"<p>Per-layer drift ({escape(lay['source'])}, {escape(lay['backend'])}): error enters at "
                      f"<b>{escape(where)}</b>; largest increase at <b>{escape(lay['largest_jump_name'])}</b>.</p>")
     parts.append('<h2>Plots</h2><div class="charts">' + "".join(charts(report)) + "</div>")
     for b in report["backends"]:
@@ -110,7 +129,9 @@ def render_html(report: dict[str, Any]) -> str:
                               f"{r['max_abs']:.2e}", f"{r['mean_abs']:.2e}", f"{r['rel_l2']:.2e}", f"{r['cosine']:.6f}"]
                              for r in lay["rows"]]))
     parts.append("<h2>Thresholds</h2>")
-    parts.append(_table(["key", "value"], [[escape(k) + (" (override)" if k in report["threshold_overrides"] else ""),
-                                            f"{v:g}"] for k, v in report["thresholds"].items()]))
+    parts.append(_table(["backend", "row", "key", "must be", "bound"],
+                        [[escape(b["backend"]), escape(b["tolerance_row"]),
+                          escape(c["key"]) + (" (override)" if c["key"] in report["threshold_overrides"] else ""),
+                          escape(c["passes_when"]), f"{c['bound']:g}"] for b in report["backends"] for c in b["checks"]]))
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -7,7 +7,7 @@ import pytest
 
 from qwen2edge.exporter.export import ExportOptions, export_bundle
 from qwen2edge.runtime.bundle import Bundle
-from qwen2edge.validation.validate import teacher_forced
+from qwen2edge.validation.engine import teacher_forced
 
 PROMPT = [151644, 872, 198, 9707, 11, 1879, 30]
 

@@ -13,7 +13,7 @@ from qwen2edge.exporter.export import ExportOptions, export_bundle
 from qwen2edge.exporter.quantize import QuantizeOptions, pack_uint4, quantize_blocks
 from qwen2edge.bundle_manifest import QuantizationRecord
 from qwen2edge.runtime.bundle import Bundle
-from qwen2edge.validation.validate import TOLERANCES, teacher_forced
+from qwen2edge.validation.engine import teacher_forced
 
 from ..test_cli import assert_one_line_error, run_cli
 
@@ -114,7 +114,6 @@ def test_quantized_bundles_use_their_scheme_tolerance(tiny_bundle_factory):
     int4 = dataclasses.replace(manifest, quantization=QuantizationRecord("int4", 64, False))
     assert int4.tolerance_key == "int4"
     assert dataclasses.replace(manifest, dtype="fp16", quantization=None).tolerance_key == "fp16"
-    assert TOLERANCES["int8"].min_top1 > TOLERANCES["int4"].min_top1
 
 
 def test_cli_rejects_bad_quantize_options(tiny_model_factory, tmp_path):
@@ -124,16 +123,3 @@ def test_cli_rejects_bad_quantize_options(tiny_model_factory, tmp_path):
     proc = run_cli("export", str(model_dir), "-o", str(tmp_path / "o"), "--quantize", "int8", "--dtype", "fp16")
     assert_one_line_error(proc, 2, "--quantize needs --dtype fp32")
     assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.slow
-def test_default_model_int4_passes_validate(smollm2_dir, tmp_path):
-    """The real default model, quantized, against transformers: judged by the int4 tolerance."""
-    from qwen2edge.validation.validate import validate
-
-    out = tmp_path / "int4"
-    export_bundle(smollm2_dir, out, ExportOptions(max_seq_len=128, quantize=QuantizeOptions("int4", 32, True)))
-    report = validate(smollm2_dir, out, steps=8, prompts=("What is the capital of France?",))
-    assert report.dtype == "int4" and report.passed, report.table()
-    ppl, ppl_ref = report.perplexity
-    assert ppl < ppl_ref * 1.25

@@ -1,4 +1,4 @@
-"""Dual Chunk Attention, exported: ONNX vs the independent naive reference (tests/dca_reference.py).
+"""Dual Chunk Attention, exported: ONNX vs the independent float64 reference (qwen2edge/validation/naive.py).
 
 Tiny model: chunk 16, local 4 -> period s = 12; temperature from L0 = 32. A 40-token prompt spans
 four chunks (0-11, 12-23, 24-35, 36-39) and so uses the intra, successive and inter sets.
@@ -13,9 +13,9 @@ from qwen2edge.errors import InternalError
 from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.runtime.generator import Generator, decode_feed, prefill_feed
 from qwen2edge.runtime.sampling import SamplingParams
-from qwen2edge.validation.validate import teacher_forced
-
-from ..dca_reference import NaiveQwen2
+from qwen2edge.validation.engine import teacher_forced
+from qwen2edge.validation.naive import NaiveQwen2
+from qwen2edge.validation.reference import load_reference
 
 L = 96
 TOL = 1e-4  # float32 graph vs float64 reference; a wrong set, position or temperature moves logits by > 1e-1
@@ -26,7 +26,9 @@ IDS = [int(x) for x in np.random.default_rng(7).integers(0, 151000, size=80)]
 def dca(tiny_bundle_factory):
     model_dir, bundle_dir = tiny_bundle_factory("dca", max_seq_len=L)
     bundle = Bundle.open(bundle_dir)
-    return model_dir, bundle, bundle.generator(), NaiveQwen2(model_dir)
+    naive = load_reference(model_dir, bundle)  # what validate and compare use for a DCA bundle
+    assert isinstance(naive, NaiveQwen2)
+    return model_dir, bundle, bundle.generator(), naive
 
 
 def _prefill_all(gen, ids):
@@ -63,7 +65,7 @@ def test_decode_steps_crossing_chunk_boundaries_match_naive_reference(dca):
     _, _, gen, naive = dca
     ids = IDS[:60]
     got = teacher_forced(gen, ids[:20], ids[20:])
-    want = naive.logits(ids, naive.step_temperatures(20, 60))
+    want = naive.logits(ids, prompt_len=20)
     err = np.abs(got - want).max()
     print(f"DCA ONNX prefill 20 + 40 decode steps vs naive (5 chunks): max |delta logit| {err:.3g}")
     assert err < TOL
@@ -135,19 +137,6 @@ class _NaivePlain:
         return self.m.logits(ids)
 
 
-def test_torch_graph_reference_is_proven_against_naive(dca):
-    """`qwen2edge validate` uses the eager PyTorch graph as the DCA reference: it must match the naive one."""
-    from qwen2edge.exporter.export import io_spec_for
-    from qwen2edge.validation.torch_graph import TorchGraphBackend
-
-    model_dir, bundle, _, naive = dca
-    ref = bundle.generator(TorchGraphBackend(model_dir, bundle.config, io_spec_for(bundle.config, L, "fp32")))
-    ids = IDS[:50]
-    got = teacher_forced(ref, ids[:38], ids[38:])
-    want = naive.logits(ids, naive.step_temperatures(38, 50))
-    assert np.abs(got - want).max() < TOL
-
-
 def test_cache_within_one_period_is_noted_and_runs(tiny_model_factory, tmp_path):
     """max_seq_len <= period: DCA can never leave the first chunk; the export says so and still works."""
     from qwen2edge.exporter.export import ExportOptions, export_bundle
@@ -164,10 +153,20 @@ def test_cache_within_one_period_is_noted_and_runs(tiny_model_factory, tmp_path)
 
 def test_naive_reference_plain_mode_matches_transformers(tiny_model_factory, hf_reference_factory):
     """The reference's non-DCA path is transformers' Qwen2, so its DCA path differs only by the spec's rules."""
+    from qwen2edge.config import load_hf_config
+    from qwen2edge.exporter.checkpoint import read_state_dict
+
     model_dir = tiny_model_factory("gqa")
+    naive = NaiveQwen2(load_hf_config(model_dir)[0].to_dict(),
+                       {k: v.double().numpy() for k, v in read_state_dict(model_dir).items()})
     ids = IDS[:30]
-    err = np.abs(NaiveQwen2(model_dir).logits(ids) - hf_reference_factory(model_dir).logits(ids)).max()
-    assert err < 1e-4
+    ours, hidden = naive.forward(ids)
+    theirs = hf_reference_factory(model_dir)
+    assert np.abs(ours - theirs.logits(ids)).max() < 1e-4
+    # Hidden states too (per-layer drift compares them), laid out like output_hidden_states.
+    want = theirs.hidden_states(ids)
+    assert len(hidden) == len(want) == 3
+    assert max(np.abs(a - b).max() for a, b in zip(hidden, want)) < 1e-4
 
 
 def test_generator_without_dca_inputs_is_refused(dca):

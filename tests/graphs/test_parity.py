@@ -5,7 +5,7 @@ import pytest
 
 from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.runtime.sampling import SamplingParams
-from qwen2edge.validation.validate import teacher_forced
+from qwen2edge.validation.engine import teacher_forced
 
 from ..conftest import TINY_VARIANTS
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qwen2edge.runtime.bundle import Bundle
-from qwen2edge.validation.validate import teacher_forced
+from qwen2edge.validation.engine import teacher_forced
 
 L = 256  # the tiny "yarn" model: factor 4 over L0 = 128, max_position_embeddings 512
 

@@ -7,7 +7,7 @@ import numpy as np
 from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.runtime.ort_backend import ORT_CACHE
 from qwen2edge.runtime.sampling import SamplingParams
-from qwen2edge.validation.validate import teacher_forced
+from qwen2edge.validation.engine import teacher_forced
 
 
 def test_io_binding_steps_match_plain_runs(tiny_bundle_factory, tmp_path):

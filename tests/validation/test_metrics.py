@@ -9,7 +9,7 @@ import pytest
 from qwen2edge.errors import InputError
 from qwen2edge.validation import metrics as M
 from qwen2edge.validation.prompts import BUILTIN, load_prompts
-from qwen2edge.validation.thresholds import DEFAULTS, parse_overrides, thresholds_for
+from qwen2edge.validation.thresholds import CRITERIA, TOLERANCES, parse_overrides, thresholds_for, tolerance_row
 
 
 def test_kl_divergence_by_hand():
@@ -37,6 +37,13 @@ def test_polygraphy_errors_and_relative_error_by_hand():
     assert cos == pytest.approx(1 / math.sqrt(2))
     # Relative to the row's largest |ref| logit (not elementwise: ref 0 would divide by zero).
     assert M.relative_error(np.array([[2.0, -4.0, 0.0]]), np.array([[2.5, -4.0, 0.0]]))[0] == pytest.approx(0.125)
+
+
+def test_block_errors_equal_polygraphys():
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((5, 1000)).astype(np.float32)
+    ours = ref + rng.standard_normal((5, 1000)).astype(np.float32) * 0.01
+    np.testing.assert_allclose(M.block_errors(ref, ours), M.polygraphy_errors(ref, ours), rtol=1e-5)
 
 
 def test_top1_top5_and_greedy_match_by_hand():
@@ -69,11 +76,36 @@ def test_error_histogram_bins():
 
 
 def test_thresholds_defaults_and_overrides():
-    assert DEFAULTS["fp32"]["max_abs"] < DEFAULTS["fp16"]["max_abs"] < DEFAULTS["bf16"]["max_abs"]
+    assert TOLERANCES["fp32"]["max_abs"] < TOLERANCES["fp16"]["max_abs"] < TOLERANCES["bf16"]["max_abs"]
+    assert all(set(row) == set(CRITERIA) for row in TOLERANCES.values())  # every row bounds every criterion
     assert thresholds_for("fp16", parse_overrides(["max_abs=0.25", "min_top1 = 0.5"]))["max_abs"] == 0.25
     for bad in ("max_abs", "nope=1", "max_abs=abc"):
-        with pytest.raises(InputError, match="--threshold"):
+        with pytest.raises(InputError) as err:
             parse_overrides([bad])
+        assert err.value.options[0] == "threshold"  # the CLI spells it --threshold
+    with pytest.raises(InputError, match="no tolerances for 'int3'"):
+        thresholds_for("int3")
+
+
+def test_each_criterion_fails_in_its_stated_direction():
+    """The direction is data on the criterion, not read from the key's spelling."""
+    assert CRITERIA["max_mean_kl"].passes(1e-6, 1e-5) and not CRITERIA["max_mean_kl"].passes(1e-4, 1e-5)
+    assert CRITERIA["min_top5"].passes(0.99, 0.98) and not CRITERIA["min_top5"].passes(0.9, 0.98)
+    assert CRITERIA["min_top5"].measure == "top5" and CRITERIA["max_mean_kl"].measure == "mean_kl"
+    assert not CRITERIA["max_abs"].passes(float("nan"), 1.0) and not CRITERIA["min_cosine"].passes(float("nan"), 0.0)
+
+
+def test_tolerance_row_per_runner(tiny_bundle_factory):
+    """Quantized bundles: the graph's own arithmetic is held to the dtype row, the fast kernels to the scheme's."""
+    import dataclasses
+
+    from qwen2edge.bundle_manifest import QuantizationRecord
+    from qwen2edge.runtime.bundle import Bundle
+
+    manifest = Bundle.open(tiny_bundle_factory("gqa")[1]).manifest
+    q = dataclasses.replace(manifest, quantization=QuantizationRecord("int4", 32, True))
+    assert tolerance_row(q, "ort") == tolerance_row(q, "trt") == "int4" and tolerance_row(q, "ort-graph") == "fp32"
+    assert tolerance_row(dataclasses.replace(manifest, dtype="fp16"), "ort") == "fp16"
 
 
 def test_builtin_prompts_cover_the_four_categories():

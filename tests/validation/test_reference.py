@@ -9,9 +9,11 @@ import torch
 
 from qwen2edge.bundle_manifest import QuantizationRecord
 from qwen2edge.errors import BundleError
-from qwen2edge.exporter.quantize import quantize_blocks
+from qwen2edge.exporter.export import ExportOptions, export_bundle
+from qwen2edge.exporter.quantize import QuantizeOptions, quantize_blocks
 from qwen2edge.validation import naive
 from qwen2edge.validation.storage import WeightQuantization, dequantized
+from qwen2edge.validation.validate import PROMPTS, table, validate
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -38,6 +40,20 @@ def test_an_unknown_quantization_recipe_is_refused():
     assert WeightQuantization.from_record(None) is None
     known = QuantizationRecord.from_dict({**record.to_dict(), "weights": "uint4 asymmetric (zero point per block)"})
     assert WeightQuantization.from_record(known).describe().startswith("uint4 asymmetric")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", [QuantizeOptions("int8", 32, True), QuantizeOptions("int4", 64, False)])
+def test_tied_and_partly_float_quantized_bundles_are_rebuilt_exactly(quant, tiny_model_factory, tmp_path):
+    """Tied embeddings quantized twice (int8 table, scheme lm_head) and a recipe that leaves matrices float
+    (block 64: the MLP's 96-wide down_proj, and the lm_head without embeddings): the graph's own arithmetic
+    still equals the reference, and the rule's tensor count matches the exporter's."""
+    model = tiny_model_factory("mqa_tied")
+    out = tmp_path / quant.scheme
+    export_bundle(model, out, ExportOptions(max_seq_len=64, trt_check=None, quantize=quant))
+    result = validate(model, out, steps=2, prompts=PROMPTS[:1] + PROMPTS[-1:])
+    assert result.passed, table(result)
+    assert result.backend("ort-graph").summary["max_abs"] < 1e-4
 
 
 def test_float64_reference_shares_no_code_with_what_it_checks():
