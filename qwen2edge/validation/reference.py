@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..runtime.bundle import Bundle
-from .storage import EMBEDDING, LM_HEAD, WeightQuantization
+from .storage import LM_HEAD, WeightQuantization
 
 HF_NAME = "transformers Qwen2ForCausalLM fp32 (CPU)"
 ROPE_OVERRIDES = ("rope_scaling", "rope_factor", "original_max_position_embeddings")

@@ -45,7 +45,7 @@ def layer_table(report: dict[str, Any]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: verdict, summary, failures, per-prompt, perplexity and per-layer tables."""
-    ref, bundle = report["reference"], report["bundle"]
+    ref = report["reference"]
     out = [f"# qwen2edge {report['preset']}: {report['verdict']}", "",
            f"- reference: {ref['name']}; weights: {ref['weights']}", f"- model: `{report['model_dir']}`",
            f"- bundle: `{report['bundle_dir']}` ({bundle_kind(report)})",

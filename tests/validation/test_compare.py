@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 
 from qwen2edge.errors import InputError, ValidationError
