@@ -56,9 +56,11 @@ DESCRIPTIONS = {k: c.description for k, c in CRITERIA.items()}
 # the arithmetic, so their logits differ by design: they are judged on the distributions (the default
 # model's fp16 bundle: mean KL 3e-6, min cosine 0.99997; that 1.05 weight: KL 1e-3, cosine 0.998).
 # int8/int4 rows bound ONNX Runtime's fused MatMulNBits kernel, which runs int8 activations, against
-# the reference holding the same quantized weights (default model: mean KL ~3e-3, top-1 94%); the
-# export itself is held to the fp32 row on `ort-graph` (backends.py). Set from measured figures with
-# head-room for other checkpoints (docs/compare.md).
+# the reference holding the same quantized weights (default model: mean KL ~3e-3, top-1 98%, worst prompt
+# 88%); the export itself is held to the fp32 row on `ort-graph` (backends.py). These rows catch a broken
+# kernel, not near-ties: one prompt's top-1 over a few steps is coarse where near-ties abound (a tiny
+# random model: 5 of 8 in one prompt at mean KL 3e-4). Set from measured figures with head-room for
+# other checkpoints (docs/compare.md).
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": dict(max_abs=2e-3, min_cosine=0.99999, max_mean_kl=1e-5, min_top1=1.0, min_top5=0.98, min_greedy=1.0,
                  max_ppl_delta=1e-3, max_layer_rel=1e-3),
@@ -66,9 +68,9 @@ TOLERANCES: dict[str, dict[str, float]] = {
                  max_ppl_delta=0.02, max_layer_rel=0.05),
     "bf16": dict(max_abs=1.5, min_cosine=0.995, max_mean_kl=5e-2, min_top1=0.85, min_top5=0.85, min_greedy=0.0,
                  max_ppl_delta=0.05, max_layer_rel=0.15),
-    "int8": dict(max_abs=10.0, min_cosine=0.8, max_mean_kl=2e-2, min_top1=0.75, min_top5=0.7, min_greedy=0.0,
+    "int8": dict(max_abs=10.0, min_cosine=0.8, max_mean_kl=2e-2, min_top1=0.5, min_top5=0.7, min_greedy=0.0,
                  max_ppl_delta=0.1, max_layer_rel=1e-3),
-    "int4": dict(max_abs=10.0, min_cosine=0.8, max_mean_kl=2e-2, min_top1=0.75, min_top5=0.7, min_greedy=0.0,
+    "int4": dict(max_abs=10.0, min_cosine=0.8, max_mean_kl=2e-2, min_top1=0.5, min_top5=0.7, min_greedy=0.0,
                  max_ppl_delta=0.1, max_layer_rel=1e-3),
 }
 
