@@ -233,8 +233,8 @@ class Generator:
         with self._grammar_lock:
             if self._grammar is None:
                 if self.tokenizer is None:
-                    raise InputError("constrained decoding needs the bundle's tokenizer: build the generator with "
-                                     "Bundle.generator()")
+                    raise InputError("constrained decoding needs the bundle's tokenizer, and this generator was "
+                                     "built without one: open it from the bundle directory")
                 self._grammar = GrammarEngine(self.tokenizer.to_json(), self.default_stop_ids)
             return self._grammar
 
