@@ -16,6 +16,14 @@ from ..io_spec import IOSpec
 from .kv_cache import CACHE_BUCKET, HostKVCache, KVCache
 
 
+def new_token_counts(feed: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Per row, how many of a step's tokens are real (the rest pad a shorter row, or an idle one, and
+    their keys/values are not stored); None when every token is real."""
+    t = feed[io_spec.INPUT_IDS].shape[1]
+    counts = feed[io_spec.ATTENTION_MASK][:, -t:].sum(axis=1)
+    return None if t == 1 and counts.all() else counts
+
+
 class Backend(ABC):
     """infer(feed) -> outputs for the raw graph; step() runs one prefill/decode step over a cache."""
 
@@ -45,7 +53,7 @@ class Backend(ABC):
         """Run the non-cache inputs in `feed` against `cache`, store the new keys/values at
         `write_pos` per row, and return logits [B, n_logits, V] (float32, host)."""
         out = self.infer({**feed, **cache.arrays})
-        cache.write(out, write_pos)
+        cache.write(out, write_pos, new_token_counts(feed))
         return out[io_spec.LOGITS]
 
     def close(self) -> None:

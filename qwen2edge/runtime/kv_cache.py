@@ -8,9 +8,13 @@ TensorRT backend's) and the host cache are interchangeable:
 - `reserve(needed)` / `fit(needed)`: room for `needed` slots per row (fit may also shrink); both return
   the capacity the next step's feed must use;
 - `reserve_rows(rows, limit)`: room for more rows, keeping the filled ones;
-- `write(presents, write_pos)`: store a step's new keys/values at each row's write position;
+- `write(presents, write_pos, counts)`: store a step's new keys/values at each row's write position
+  (only the first counts[b] of row b: the rest pad a row that feeds fewer tokens than the widest);
 - `view(start, stop)`: rows [start, stop) as a cache sharing this one's storage;
 - `move_row(src, dst)`: copy one row over another (compacting a batch);
+- `copy_rows_from(src, src_row, dst_row, slots)`: copy slots [0, slots) of another cache's row (a reused
+  prefix, a row prefilled apart); `snapshot(row, slots)`: those slots as a new one-row cache;
+- `nbytes`: bytes held (a prefix store's memory bound);
 - `reset()`: zero every slot (garbage times a zero attention weight can still be NaN).
 """
 
@@ -55,11 +59,18 @@ class KVCache(Protocol):
 
     def reserve_rows(self, rows: int, limit: int) -> int: ...
 
-    def write(self, presents: Mapping[str, Any], write_pos: np.ndarray) -> None: ...
+    def write(self, presents: Mapping[str, Any], write_pos: np.ndarray, counts: np.ndarray | None = None) -> None: ...
 
     def view(self, start: int, stop: int) -> "KVCache": ...
 
     def move_row(self, src: int, dst: int) -> None: ...
+
+    def copy_rows_from(self, src: "KVCache", src_row: int, dst_row: int, slots: int) -> None: ...
+
+    def snapshot(self, row: int, slots: int) -> "KVCache": ...
+
+    @property
+    def nbytes(self) -> int: ...
 
     def reset(self) -> None: ...
 
@@ -111,13 +122,15 @@ class HostKVCache:
         self.version += 1
         return grown
 
-    def write(self, presents: Mapping[str, np.ndarray], write_pos: np.ndarray) -> None:
-        """Copy each row's new keys/values into its slots [write_pos[b], write_pos[b] + T)."""
+    def write(self, presents: Mapping[str, np.ndarray], write_pos: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """Copy each row's new keys/values into its slots [write_pos[b], write_pos[b] + T), or only the first
+        counts[b] of them."""
         for name, arr in self.arrays.items():
             new = presents[io_spec.present_name(name)]  # [B, Hkv, T, D]
             t = new.shape[2]
             for b, p in enumerate(write_pos):
-                arr[b, :, p:p + t] = new[b]
+                n = t if counts is None else int(counts[b])
+                arr[b, :, p:p + n] = new[b, :, :n]
 
     def view(self, start: int, stop: int) -> "HostKVCache":
         """Rows [start, stop) sharing these arrays (contiguous: batch is the outermost axis); a step
@@ -131,6 +144,24 @@ class HostKVCache:
     def move_row(self, src: int, dst: int) -> None:
         for arr in self.arrays.values():
             arr[dst] = arr[src]
+
+    def copy_rows_from(self, src: "HostKVCache", src_row: int, dst_row: int, slots: int) -> None:
+        """Slots [0, slots) of `src`'s row `src_row` into this cache's row `dst_row` (reserve room first)."""
+        if slots > self.capacity or slots > src.capacity:
+            raise InternalError(f"copying {slots} slots between caches of {src.capacity} and {self.capacity}: "
+                                "report this as a qwen2edge bug")
+        for name, arr in self.arrays.items():
+            arr[dst_row, :, :slots] = src.arrays[name][src_row, :, :slots]
+
+    def snapshot(self, row: int, slots: int) -> "HostKVCache":
+        """A new one-row cache holding slots [0, slots) of `row` (its capacity: `slots`, when growable)."""
+        copy = HostKVCache(self.spec, 1, capacity=slots, bucket=self.bucket)
+        copy.copy_rows_from(self, row, 0, slots)
+        return copy
+
+    @property
+    def nbytes(self) -> int:
+        return sum(arr.nbytes for arr in self.arrays.values())
 
     def reset(self) -> None:
         for arr in self.arrays.values():

@@ -23,7 +23,7 @@ import numpy as np
 from .. import io_spec
 from ..errors import InferenceError
 from ..io_spec import IOSpec
-from .backend import Backend
+from .backend import Backend, new_token_counts
 from .kv_cache import HostKVCache
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class OrtBackend(Backend):
             self.session.run_with_iobinding(bufs.binding)
         except Exception as exc:
             raise InferenceError(f"ONNX Runtime failed to run the graph ({str(exc).splitlines()[0]})") from exc
-        cache.write(bufs.outputs, write_pos)
+        cache.write(bufs.outputs, write_pos, new_token_counts(feed))
         # A copy: the buffer is overwritten by the next step, and callers may keep the logits.
         return bufs.outputs[io_spec.LOGITS].copy()
 

@@ -25,13 +25,14 @@ from ..trt.engine_io import (bind_address, bind_input, check_engine_io, engine_m
 from ..trt.engine_manifest import ENGINE_DIR, PLAN_FILE, check_engine_matches
 from ..trt.profiles import Profile, select_profile
 from ..trt.tensorrt_env import import_tensorrt, trt_logger
-from .backend import Backend
+from .backend import Backend, new_token_counts
 
 
 def kv_copy_plan(batch: int, heads: int, max_len: int, head_dim: int, seq: int, itemsize: int,
-                 write_pos: Sequence[int]) -> list[tuple[int, int, int]]:
+                 write_pos: Sequence[int], counts: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
     """(dst byte offset in the cache, src byte offset in present, nbytes) copies that put
-    present [B, H, seq, D] at cache [B, H, write_pos[b]:write_pos[b] + seq, D].
+    present [B, H, seq, D] at cache [B, H, write_pos[b]:write_pos[b] + seq, D] (only the first counts[b]
+    of row b's seq when counts is given: the rest is padding).
 
     For one (row, head) the seq*D destination elements are contiguous, so that is one copy each.
     """
@@ -40,13 +41,14 @@ def kv_copy_plan(batch: int, heads: int, max_len: int, head_dim: int, seq: int, 
     row = seq * head_dim * itemsize
     plan = []
     for b, p in enumerate(int(x) for x in write_pos):
-        if p < 0 or p + seq > max_len:
-            raise InferenceError(f"cache write at slots {p}..{p + seq} overflows max_seq_len {max_len}: shorten the "
+        n = seq if counts is None else int(counts[b])
+        if p < 0 or p + n > max_len:
+            raise InferenceError(f"cache write at slots {p}..{p + n} overflows max_seq_len {max_len}: shorten the "
                                  "prompt or lower --max-new-tokens")
         for h in range(heads):
             dst = ((b * heads + h) * max_len + p) * head_dim * itemsize
             src = (b * heads + h) * row
-            plan.append((dst, src, row))
+            plan.append((dst, src, n * head_dim * itemsize))
     return plan
 
 
@@ -92,20 +94,51 @@ class DeviceKVCache:
     def view(self, start: int, stop: int) -> "DeviceKVCache":
         return DeviceKVCache(self._backend, self._buffers, self._start + start, self._start + stop)
 
-    def write(self, presents: Mapping[str, Any], write_pos: np.ndarray) -> None:
+    def write(self, presents: Mapping[str, Any], write_pos: np.ndarray, counts: np.ndarray | None = None) -> None:
         """Device-to-device copies of each row's new keys/values (device buffers in `presents`)."""
         for name, dst in self.arrays.items():
             src = presents[io_spec.present_name(name)]
             seq = int(tuple(src.shape)[2])
             b, h, length, d = dst.shape
             for dst_off, src_off, n in kv_copy_plan(b, h, length, d, seq, io_spec.ITEMSIZE[self._backend.dtype_of(name)],
-                                                    write_pos):
+                                                    write_pos, counts):
                 self._backend.copy_d2d(dst.ptr + dst_off, src.ptr + src_off, n)
 
     def move_row(self, src: int, dst: int) -> None:
         for name, rows in self.arrays.items():
             n = self._row_bytes[name]
             self._backend.copy_d2d(rows.ptr + dst * n, rows.ptr + src * n, n)
+
+    def copy_rows_from(self, src: "DeviceKVCache", src_row: int, dst_row: int, slots: int) -> None:
+        """Slots [0, slots) of `src`'s row into row `dst_row`: one device-to-device copy per KV head (the
+        two caches may differ in capacity)."""
+        for name, dst in self.arrays.items():
+            other = src.arrays[name]
+            _, heads, dst_len, d = dst.shape
+            src_len = other.shape[2]
+            if slots > min(src_len, dst_len):
+                raise InferenceError(f"copying {slots} slots between caches of {src_len} and {dst_len}: report this "
+                                     "as a qwen2edge bug")
+            item = io_spec.ITEMSIZE[self._backend.dtype_of(name)]
+            for h in range(heads):
+                self._backend.copy_d2d(dst.ptr + ((dst_row * heads + h) * dst_len) * d * item,
+                                       other.ptr + ((src_row * heads + h) * src_len) * d * item, slots * d * item)
+
+    def snapshot(self, row: int, slots: int) -> "DeviceKVCache":
+        """A one-row cache of its own ([1, Hkv, slots, D] device buffers, outside the pool) holding slots
+        [0, slots) of `row`."""
+        buffers = {}
+        for name, rows in self.arrays.items():
+            shape = (1, rows.shape[1], slots, rows.shape[3])
+            buffers[name] = self._backend.device_array(name, shape)
+        copy = DeviceKVCache(self._backend, buffers, 0, 1)
+        copy.capacity = slots
+        copy.copy_rows_from(self, row, 0, slots)
+        return copy
+
+    @property
+    def nbytes(self) -> int:
+        return self.batch * sum(self._row_bytes.values())
 
     def reset(self) -> None:
         for name, rows in self.arrays.items():
@@ -194,6 +227,10 @@ class TrtBackend(Backend):
         cache.reset()
         return cache
 
+    def device_array(self, name: str, shape: tuple[int, ...]) -> Any:
+        """A new device buffer for input `name` (freed with the Python object)."""
+        return self._cuda.DeviceArray(shape=shape, dtype=self._dtype(name))
+
     def dtype_of(self, name: str) -> str:
         """Element type of an input or output as the engine has it (checked against the bundle at load)."""
         return self._dtypes[name]
@@ -232,7 +269,7 @@ class TrtBackend(Backend):
     def step(self, cache: DeviceKVCache, feed: dict[str, np.ndarray], write_pos: np.ndarray) -> np.ndarray:
         """One prefill/decode step: run, write presents into the device cache, return host logits."""
         self._bind_and_run(feed, cache.arrays)
-        cache.write(self._buffers, write_pos)
+        cache.write(self._buffers, write_pos, new_token_counts(feed))
         logits = np.empty(tuple(self._buffers[io_spec.LOGITS].shape), dtype=np.float32)
         self._buffers[io_spec.LOGITS].copy_to(logits, self.stream)
         self.stream.synchronize()

@@ -155,3 +155,19 @@ def test_a_schema_1_bundle_still_runs(tiny_bundle_factory, tmp_path):
     got = gen.generate([PROMPTS[1]], GREEDY_60)[0][0].token_ids
     assert set(caps) == {bundle.max_seq_len}
     assert got == Bundle.open(bundle_dir).generator().generate([PROMPTS[1]], GREEDY_60)[0][0].token_ids
+
+
+def test_prefix_copy_and_snapshot_keep_exactly_the_given_slots():
+    cache = HostKVCache(_spec(64), 2, capacity=16)
+    rng = np.random.default_rng(3)
+    for arr in cache.arrays.values():
+        arr[...] = rng.standard_normal(arr.shape)
+    snap = cache.snapshot(1, 10)
+    assert snap.batch == 1 and snap.capacity == 10 and snap.nbytes == sum(a[1:2, :, :10].nbytes for a in cache.arrays.values())
+    other = HostKVCache(_spec(64), 3, capacity=32)
+    other.copy_rows_from(snap, 0, 2, 7)
+    for name, arr in other.arrays.items():
+        np.testing.assert_array_equal(arr[2, :, :7], cache.arrays[name][1, :, :7])
+        assert not arr[2, :, 7:].any() and not arr[:2].any()
+    with pytest.raises(InternalError, match="copying 11 slots"):
+        other.copy_rows_from(snap, 0, 0, 11)

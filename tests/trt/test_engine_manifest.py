@@ -155,6 +155,10 @@ class _HostMemory:
 
         ctypes.memset(ptr, 0, nbytes)
 
+    def device_array(self, name, shape):
+        self.keep = getattr(self, "keep", []) + [np.full(shape, np.nan, np.float16)]
+        return _HostMemory.Buffer(self.keep[-1])
+
 
 def test_device_cache_protocol_matches_the_host_cache():
     from qwen2edge.runtime.trt_backend import DeviceKVCache
@@ -181,3 +185,32 @@ def test_device_cache_protocol_matches_the_host_cache():
     for name in pool:
         np.testing.assert_array_equal(pool[name], host.arrays[name])
     assert device.reserve(9) == device.fit(1) == length  # a device cache never grows along the sequence
+
+
+def test_device_cache_partial_writes_prefix_copies_and_snapshots_match_the_host_cache():
+    """Per-row write counts (a verify step's padding), a snapshot of a row's first slots and copying them into
+    another row (prefix reuse), on the device cache's pointer arithmetic and on the host cache."""
+    from qwen2edge.runtime.trt_backend import DeviceKVCache
+
+    b, h, length, d = 3, 2, 16, 4
+    spec = io_spec.build_io_spec(2, h, d, 10, length, "fp16")
+    mem = _HostMemory(spec)
+    pool = {t.name: np.zeros((b, h, length, d), np.float16) for t in spec.cache_inputs}
+    device = DeviceKVCache(mem, {n: _HostMemory.Buffer(a) for n, a in pool.items()}, 0, b)
+    host = HostKVCache(spec, b)
+    rng = np.random.default_rng(2)
+    presents = {io_spec.present_name(n): rng.standard_normal((b, h, 5, d)).astype(np.float16) for n in host.arrays}
+    pos, counts = np.array([0, 4, 11]), np.array([5, 2, 0])
+    host.write(presents, pos, counts)
+    device.write({k: _HostMemory.Buffer(v) for k, v in presents.items()}, pos, counts)
+    assert not host.arrays["past_key.0"][1, :, 6:].any() and not host.arrays["past_key.0"][2].any()
+    snap_h, snap_d = host.snapshot(0, 5), device.snapshot(0, 5)
+    assert snap_h.capacity == snap_d.capacity == 5 and snap_h.nbytes == snap_d.nbytes
+    host.copy_rows_from(snap_h, 0, 2, 4)
+    device.copy_rows_from(snap_d, 0, 2, 4)
+    for name in pool:
+        np.testing.assert_array_equal(pool[name], host.arrays[name])
+        np.testing.assert_array_equal(host.arrays[name][2, :, :4], host.arrays[name][0, :, :4])
+    with pytest.raises(InferenceError, match="overflows max_seq_len 16"):
+        kv_copy_plan(1, 1, 16, 4, 5, 2, [13], counts=[4])
+    assert len(kv_copy_plan(1, 1, 16, 4, 5, 2, [13], counts=[3])) == 1
