@@ -90,6 +90,33 @@ def sampling_params(kw: dict[str, Any]):
                           stop_strings=tuple(kw.pop("stop")))
 
 
+def speculative_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--speculative", type=click.Choice(["prompt-lookup", "draft"]), default=None,
+                     help="Speculative decoding: draft tokens from n-grams of the prompt and text so far, or from "
+                          "--draft; greedy output is unchanged, sampled output keeps its distribution."),
+        click.option("--num-speculative-tokens", type=int, default=5, show_default=True,
+                     help="Draft tokens verified per step."),
+        click.option("--ngram", type=int, default=3, show_default=True,
+                     help="Prompt lookup: longest n-gram matched."),
+        click.option("--draft", type=click.Path(path_type=str), default=None,
+                     help="Draft bundle (a smaller model with the same tokenizer); implies --speculative draft."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def speculative_config(kw: dict[str, Any]):
+    """The SpeculativeConfig the speculative options ask for, or None (they are removed from kw)."""
+    from .runtime.speculative import SpeculativeConfig
+
+    method, k, ngram, draft = kw.pop("speculative"), kw.pop("num_speculative_tokens"), kw.pop("ngram"), kw.pop("draft")
+    if method is None and draft is None:
+        return None
+    return SpeculativeConfig(method or "draft", k, ngram, draft).check()
+
+
 # ---- commands -----------------------------------------------------------------------------------
 
 @click.group(cls=Qwen2EdgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -234,6 +261,7 @@ def plan_memory(bundle_dir: str, max_batch: int, max_input_len: int | None, max_
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the bundle's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @sampling_options
+@speculative_options
 @backend_option
 def generate(bundle_dir: str, prompt: str | None, prompt_ids: str | None, chat: bool, as_json: bool,
              backend: str, **kw: Any) -> None:
@@ -244,15 +272,18 @@ def generate(bundle_dir: str, prompt: str | None, prompt_ids: str | None, chat: 
     if prompt is None and ids is None:
         raise InputError("give --prompt TEXT or --prompt-ids 1,2,3")
     stream = None if as_json else (lambda delta: (sys.stdout.write(delta), sys.stdout.flush()))
+    speculative = speculative_config(kw)
     result = api.generate(bundle_dir, prompt=prompt, prompt_ids=ids, chat=chat, params=sampling_params(kw),
-                          backend=backend, on_text=stream)
+                          backend=backend, on_text=stream, speculative=speculative)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
     else:
         click.echo()
         t = result["timings"]
+        spec = result.get("speculative")
+        accepted = f", {spec['accepted']}/{spec['drafted']} drafts accepted" if spec else ""
         progress(f"[{len(result['token_ids'])} tokens, prefill {t['prefill_s'] * 1000:.0f} ms, "
-                 f"{t['decode_tokens_per_s']:.1f} tok/s, finish: {result['finish_reason']}]")
+                 f"{t['decode_tokens_per_s']:.1f} tok/s{accepted}, finish: {result['finish_reason']}]")
 
 
 def accuracy_options(f: Callable) -> Callable:

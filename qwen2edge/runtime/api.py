@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 from ..errors import InputError
 from .bundle import Bundle
 from .sampling import SamplingParams
+from .speculative import SpeculativeConfig, speculator_factory
 
 
 def parse_prompt_ids(text: str) -> list[int]:
@@ -39,15 +40,22 @@ def encode_prompt(bundle: Bundle, prompt: str | None, prompt_ids: Sequence[int] 
 
 def generate(bundle_dir: str | Path, prompt: str | None = None, prompt_ids: Sequence[int] | None = None,
              chat: bool = False, params: SamplingParams = SamplingParams(), backend: str = "ort",
-             on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Generate for one prompt; returns prompt_ids, token_ids, text, finish_reason and timings."""
+             on_text: Callable[[str], None] | None = None,
+             speculative: SpeculativeConfig | None = None) -> dict[str, Any]:
+    """Generate for one prompt; returns prompt_ids, token_ids, text, finish_reason and timings (and, with
+    speculative decoding, how many draft tokens were verified and accepted)."""
     t0 = time.perf_counter()
     bundle = Bundle.open(bundle_dir)
     gen = bundle.generator(backend)
+    make_speculator = speculator_factory(speculative, bundle, gen)
     load_s = time.perf_counter() - t0
     ids = encode_prompt(bundle, prompt, prompt_ids, chat)
     callback = (lambda _row, delta: on_text(delta)) if on_text else None
-    results, timings = gen.generate([ids], params, on_text=callback)
+    speculator = make_speculator() if make_speculator else None
+    results, timings = gen.generate([ids], params, on_text=callback, speculator=speculator)
     r = results[0]
-    return {"prompt_ids": ids, "token_ids": r.token_ids, "text": r.text, "finish_reason": r.finish_reason,
-            "timings": {"load_s": round(load_s, 3), **timings.to_dict()}}
+    out = {"prompt_ids": ids, "token_ids": r.token_ids, "text": r.text, "finish_reason": r.finish_reason,
+           "timings": {"load_s": round(load_s, 3), **timings.to_dict()}}
+    if speculator is not None:
+        out["speculative"] = {"method": speculator.method, "drafted": r.drafted, "accepted": r.accepted}
+    return out

@@ -27,6 +27,14 @@ class DcaFeed:
         self.max_index = dca.table_rows(self.dc, max_seq_len) - 1
         self.past_chunks = dca.chunk_ids(np.arange(max_seq_len), self.dc)
 
+    @property
+    def same_scale_until(self) -> int:
+        """The longest sequence whose steps all run at temperature 1 (sf(L) = 1 for L <= L0). Past it a step's
+        temperature follows its length and is one value per row, so a step over several positions, or keys
+        reused from another step, would not equal one position per step."""
+        l0 = self.dc.original_max_position_embeddings
+        return min(l0, self.max_seq_len) if l0 > 0 else self.max_seq_len
+
     def __call__(self, feed: dict[str, np.ndarray], write_pos: np.ndarray) -> dict[str, np.ndarray]:
         pos = feed[io_spec.POSITION_IDS].astype(np.int64)  # [B, T] true positions
         b, t = pos.shape

@@ -6,6 +6,7 @@ written at the row's own next slot, so rows of different lengths never shift eac
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ class Generation:
     text: str = ""
     finish_reason: str = "length"  # "stop" (eos id, stop string, grammar complete) | "length" | "cancelled"
     logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs is set
+    drafted: int = 0  # speculative decoding (runtime/speculative.py): draft tokens verified
+    accepted: int = 0  # ... and accepted
 
 
 OnFinish = Callable[[int, Generation], None]  # (row, its complete result)
@@ -46,11 +49,12 @@ class Timings:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     new_tokens: int = 0
-    decode_steps: int = 0
+    decode_steps: int = 0  # backend steps after the prefill
+    decode_tokens: int = 0  # tokens after the first (the longest row's): a verify step can yield several
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, float]:
         return {"prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
@@ -85,6 +89,32 @@ def prefill_feed(prompts: Sequence[Sequence[int]], cache_len: int, pad_id: int) 
         io_spec.POSITION_IDS: np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy(),
         io_spec.ATTENTION_MASK: mask,
         io_spec.LOGITS_INDEX: np.array([[len(p) - 1] for p in prompts], dtype=np.int64),
+    }
+
+
+def extend_feed(chunks: Sequence[Sequence[int]], lengths: np.ndarray, cache_len: int, pad_id: int,
+                all_logits: bool = False) -> dict[str, np.ndarray]:
+    """Inputs for row b's tokens chunks[b] at positions lengths[b], lengths[b] + 1, ... over its filled slots
+    [0, lengths[b]) of a cache of `cache_len` slots: a prompt after a reused prefix, a prompt chunk, a
+    speculative verify step. Shorter rows are padded (masked as keys, not stored; an empty row feeds
+    nothing). Logits at every position (all_logits) or after each row's last token."""
+    b, t = len(chunks), max(1, max(len(c) for c in chunks))
+    counts = np.array([len(c) for c in chunks], dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(b)
+    ids = np.full((b, t), pad_id, dtype=np.int64)
+    for r, c in enumerate(chunks):
+        ids[r, :len(c)] = c
+    # Padding repeats the row's last position, so positions never pass the slots the row was checked for.
+    steps = np.minimum(np.arange(t)[None, :], np.maximum(counts - 1, 0)[:, None])
+    mask = np.zeros((b, cache_len + t), dtype=np.int64)
+    mask[:, :cache_len] = np.arange(cache_len)[None, :] < lengths[:, None]
+    mask[:, cache_len:] = np.arange(t)[None, :] < counts[:, None]
+    index = np.broadcast_to(np.arange(t), (b, t)) if all_logits else np.maximum(counts - 1, 0)[:, None]
+    return {
+        io_spec.INPUT_IDS: ids,
+        io_spec.POSITION_IDS: np.where(counts[:, None] > 0, lengths[:, None] + steps, 0),
+        io_spec.ATTENTION_MASK: mask,
+        io_spec.LOGITS_INDEX: np.ascontiguousarray(index, dtype=np.int64),
     }
 
 
@@ -124,14 +154,22 @@ class Row:
         self.history = list(self.result.prompt_ids)
         self.length = len(self.result.prompt_ids)  # cache slots filled
         self.done = False
+        self.spec = None  # speculative decoding state, kept by runtime/speculative.py
 
     def sample(self, logits: np.ndarray, rng: np.random.Generator | None = None) -> int:
         """The next token from this row's logits [1, V] with its own sampler (or `rng`, a batch's shared one)."""
-        scores = self.logits.process(logits, self.history, len(self.result.token_ids))
-        tok = int(sample_next(scores, self.params, rng or self.rng)[0])
+        tok = int(sample_next(self.scores(logits), self.params, rng or self.rng)[0])
+        self.record(logits, tok)
+        return tok
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """The logits [1, V] this row samples its next token from: grammar, bias, bans, penalties applied."""
+        return self.logits.process(logits, self.history, len(self.result.token_ids))
+
+    def record(self, logits: np.ndarray, tok: int) -> None:
+        """Keep tok's log-probability under the raw logits [1, V], when the row asked for them."""
         if self.result.logprobs is not None and tok not in self.stop_ids:
             self.result.logprobs.append(token_logprob(logits[0], tok, self.params.logprobs))
-        return tok
 
     def accept(self, tok: int, on_text: Callable[[str], None] | None) -> bool:
         """Take a sampled token; returns True when the row is complete (then call `finish`)."""
@@ -219,11 +257,17 @@ class Generator:
         self.default_stop_ids = tuple(stop_token_ids)
         self.extra_feed = extra_feed  # e.g. DCA position indices computed on the host
         self.cache_bucket = cache_bucket
+        # Up to this sequence length a step over several positions (a verify step, a prompt chunk, keys
+        # reused from an earlier step) equals one position per step; DCA's temperature makes it shorter.
+        self.exact_until = int(getattr(extra_feed, "same_scale_until", self.max_seq_len))
         if backend.spec.dca and extra_feed is None:
             raise InternalError("a Dual Chunk Attention graph needs its host-side position inputs, and this "
                                 "generator was built without them: report this as a qwen2edge bug")
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         self.pad_id = int(pad if pad is not None else (self.default_stop_ids or (0,))[0])
+        vocab = next((t.shape[-1] for t in backend.spec.outputs if t.name == io_spec.LOGITS), None)
+        if isinstance(vocab, int) and not 0 <= self.pad_id < vocab:
+            self.pad_id = 0  # padding is masked, but its id is still embedded: it must be in the model's table
         self._grammar: GrammarEngine | None = None
         self._grammar_lock = threading.Lock()
 
@@ -263,10 +307,31 @@ class Generator:
         capacity = cache.reserve(int(lengths.max()) + 1)
         return self.step(cache, decode_feed(tokens, lengths, capacity), lengths)[:, -1, :]
 
-    def decode_n(self, cache: KVCache, batch: _Batch, logits: np.ndarray, timings: Timings) -> None:
+    def extend(self, cache: KVCache, chunks: Sequence[Sequence[int]], lengths: np.ndarray,
+               all_logits: bool = False) -> np.ndarray:
+        """Run row b's tokens chunks[b] at positions lengths[b].. (slots [0, lengths[b]) filled; a row may feed
+        none); logits [B, V] after each row's last token, or [B, T, V] at every position with all_logits."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        capacity = cache.reserve(int(max(n + len(c) for n, c in zip(lengths, chunks))))
+        feed = extend_feed(chunks, lengths, capacity, self.pad_id, all_logits)
+        logits = self.step(cache, feed, lengths)
+        return logits if all_logits else logits[:, -1, :]
+
+    def verify(self, cache: KVCache, chunks: Sequence[Sequence[int]], lengths: np.ndarray) -> np.ndarray:
+        """A speculative step: row b's next token and its draft tokens at positions lengths[b]..; logits
+        [B, T, V] after each of them. Only the slots of accepted tokens count afterwards: a row's length
+        advances by what it accepts, so rejected drafts' keys sit past it, masked, until overwritten."""
+        return self.extend(cache, chunks, lengths, all_logits=True)
+
+    def decode_n(self, cache: KVCache, batch: _Batch, logits: np.ndarray, timings: Timings,
+                 speculator=None) -> None:
         """Sample and decode until every row has finished (stop id or string, its max_new_tokens, or a
         cancel). Finished rows keep their write position: the batch shape is static, so they are still
-        computed, but never advance past the slots their own request was checked to fit in."""
+        computed, but never advance past the slots their own request was checked to fit in. With a
+        `speculator` (runtime/speculative.py) each step also verifies draft tokens."""
+        if speculator is not None:
+            self._decode_speculative(cache, batch, logits, timings, speculator)
+            return
         rows = batch.rows
         lengths = np.array([row.length for row in rows], dtype=np.int64)
         max_steps = max(row.params.max_new_tokens for row in rows)
@@ -279,9 +344,7 @@ class Generator:
             for r, row in enumerate(rows):
                 if row.done:
                     continue
-                tok = int(tokens[r])
-                timings.new_tokens += tok not in row.stop_ids
-                if row.accept(tok, batch.emit(r)):
+                if row.accept(int(tokens[r]), batch.emit(r)):
                     batch.finish(r)
             if batch.done or step == max_steps - 1:
                 break
@@ -289,8 +352,52 @@ class Generator:
             logits = self.decode_one(cache, tokens, lengths)
             lengths = lengths + live
             timings.decode_steps += 1
+            timings.decode_tokens += 1
+        self._end_decode(batch, lengths, timings, t0)
+
+    def _decode_speculative(self, cache: KVCache, batch: _Batch, logits: np.ndarray, timings: Timings,
+                            speculator) -> None:
+        """decode_n with draft tokens: each step feeds every live row's next token and drafts, and the
+        next accepts what the target agrees with (at least one token per row, so the loop ends)."""
+        rows = batch.rows
+        lengths = np.array([row.length for row in rows], dtype=np.int64)
+        per_row = [logits[r:r + 1] for r in range(len(rows))]  # [T, V]: after the fed token and each draft
+        drafts: list = [None] * len(rows)
+        tokens = np.full(len(rows), self.pad_id, dtype=np.int64)
+        yielded = np.zeros(len(rows), dtype=np.int64)  # tokens each row accepted after its first
+        t0 = time.perf_counter()
+        for step in itertools.count():
+            batch.cancel_requested()
+            if batch.done:
+                break
+            for r, row in enumerate(rows):
+                if row.done:
+                    continue
+                run = speculator.accept(row, per_row[r], drafts[r], row.rng or batch.shared_rng, batch.emit(r))
+                tokens[r], lengths[r] = run.token, lengths[r] + run.drafts
+                yielded[r] += run.tokens if step else 0
+                if run.complete:
+                    batch.finish(r)
+            timings.decode_tokens = int(yielded.max())
+            if batch.done:
+                break
+            live = [r for r, row in enumerate(rows) if not row.done]
+            drafts = [None] * len(rows)
+            for r, draft in zip(live, speculator.propose([rows[r] for r in live], lengths[live],
+                                                                  batch.shared_rng)):
+                drafts[r] = draft
+            chunks = [[int(tokens[r]), *(drafts[r].tokens if drafts[r] else ())] if not row.done else []
+                      for r, row in enumerate(rows)]
+            out = self.verify(cache, chunks, lengths)
+            per_row = [out[r, :max(1, len(c))] for r, c in enumerate(chunks)]
+            lengths[live] += 1
+            timings.decode_steps += 1
+        self._end_decode(batch, lengths, timings, t0)
+
+    def _end_decode(self, batch: _Batch, lengths: np.ndarray, timings: Timings, t0: float) -> None:
         timings.decode_s = time.perf_counter() - t0
-        for r, row in enumerate(rows):
+        timings.new_tokens = sum(len(row.result.token_ids) for row in batch.rows)
+        for r, row in enumerate(batch.rows):
             row.length = int(lengths[r])
             if not row.done:
                 batch.finish(r)
@@ -308,20 +415,21 @@ class Generator:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  on_text: OnText | None = None, *, should_stop: ShouldStop | None = None,
-                 on_finish: OnFinish | None = None) -> tuple[list[Generation], Timings]:
+                 on_finish: OnFinish | None = None, speculator=None) -> tuple[list[Generation], Timings]:
         """Generate for a batch of token-id prompts; `on_text(row, delta)` streams text.
 
         `params` is one SamplingParams for every row, or one per row (then each row samples with its own
         seeded generator, so a row's output does not depend on what it is batched with). A row stops
         early when `should_stop(row)` turns true (finish_reason "cancelled"); `on_finish(row, result)`
-        fires as soon as a row is complete, before slower rows in the batch are.
+        fires as soon as a row is complete, before slower rows in the batch are. A `speculator`
+        (runtime/speculative.py) proposes draft tokens that each step verifies.
         """
         return self.run_rows(*self._rows(prompts, params), on_text=on_text, should_stop=should_stop,
-                             on_finish=on_finish)
+                             on_finish=on_finish, speculator=speculator)
 
     def run_rows(self, rows: list[Row], shared_rng: np.random.Generator | None = None, *,
                  on_text: OnText | None = None, should_stop: ShouldStop | None = None,
-                 on_finish: OnFinish | None = None) -> tuple[list[Generation], Timings]:
+                 on_finish: OnFinish | None = None, speculator=None) -> tuple[list[Generation], Timings]:
         """`generate` for rows made by `new_row` (a caller that keeps each row's result as it grows)."""
         batch = _Batch(rows, shared_rng, on_text, on_finish, should_stop)
         timings = Timings()
@@ -329,7 +437,7 @@ class Generator:
         t0 = time.perf_counter()
         logits = self.prefill(cache, [row.result.prompt_ids for row in batch.rows])
         timings.prefill_s = time.perf_counter() - t0
-        self.decode_n(cache, batch, logits, timings)
+        self.decode_n(cache, batch, logits, timings, speculator)
         return [row.result for row in batch.rows], timings
 
     def _rows(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]

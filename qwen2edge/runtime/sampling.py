@@ -223,7 +223,11 @@ def sample_next(
     if params.greedy:
         return _argmax(logits)
 
-    probs = probabilities(logits, params)
+    return draw(probabilities(logits, params), rng)
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One index per row of [B, V] probabilities (they need not sum to exactly 1). Returns int64 [B]."""
     cdf = np.cumsum(probs, axis=-1)
     # 1 - random() lies in (0, 1], so a zero-probability token at index 0 can never be drawn.
     u = (1.0 - rng.random(probs.shape[0]))[:, None] * cdf[:, -1:]

@@ -117,6 +117,10 @@ class BundleTokenizer:
         """Tokenizer vocabulary including added tokens (the model's embedding table may be larger)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def same_vocabulary(self, other: "BundleTokenizer") -> bool:
+        """Whether both map every token (added ones included) to the same id."""
+        return self._tok.get_vocab(with_added_tokens=True) == other._tok.get_vocab(with_added_tokens=True)
+
     @property
     def has_chat_template(self) -> bool:
         """Whether tokenizer_config.json supplied a chat template."""
