@@ -338,6 +338,13 @@ def validate(model_dir: str, bundle_dir: str, steps: int, long_prompt_tokens: in
 @click.option("--served-model-name", "model_name", default=None, help="Model id clients send (default: dir name).")
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="Seconds SIGINT/SIGTERM waits for in-flight requests before cancelling them.")
+@speculative_options
+@click.option("--prefix-cache-mb", type=int, default=256, show_default=True,
+              help="Memory for keys/values of finished requests, reused by prompts that start the same way (the "
+                   "next chat turn, a shared system prompt); 0 turns it off. In-flight batching only.")
+@click.option("--prefill-chunk", type=int, default=64, show_default=True,
+              help="Positions per step while a prompt joins running requests: it is prefilled in chunks between "
+                   "their tokens; 0 prefills it at once. In-flight batching only.")
 def serve(bundle_dir: str, **settings: Any) -> None:
     """Serve a bundle over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
     from .serve.server import serve as run

@@ -22,7 +22,7 @@ from .plan import Plan, chat_plan, completion_plan
 from .responses import Answer, Shape, SSEResponse, error_of
 from .schemas import APIError, ChatRequest, CompletionRequest, parse
 from .scheduler import QueueFull, Scheduler, ShuttingDown
-from .settings import ServeSettings
+from .settings import ServeSettings, decode_speedups
 
 MAX_BODY_BYTES = 8 * 2**20  # far above any prompt that fits a context; bounds memory per request
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -34,7 +34,8 @@ class _State:
         self.tokenizer = bundle.tokenizer
         self.metrics = Metrics()
         self.scheduler = Scheduler(generator, settings.max_concurrency, settings.max_batch, settings.max_queue,
-                                   metrics=self.metrics, in_flight=settings.batching == "in-flight")
+                                   metrics=self.metrics, in_flight=settings.batching == "in-flight",
+                                   **decode_speedups(bundle, generator, settings))
         self.created = int(time.time())
 
     def check_auth(self, request: Request) -> None:

@@ -30,6 +30,10 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("qwen2edge_queue_depth", "Requests waiting for a batch slot.", registry=r)
         self.running = Gauge("qwen2edge_requests_running", "Requests being generated now.", registry=r)
+        self.draft_tokens = Counter("qwen2edge_speculative_tokens", "Speculative draft tokens verified (drafted) "
+                                    "and accepted.", ["kind"], registry=r)
+        self.prefix_reused = Counter("qwen2edge_prefix_cache_reused_tokens", "Prompt tokens whose keys/values "
+                                     "came from the prefix cache instead of a prefill.", registry=r)
         self.batch_size = Histogram("qwen2edge_batch_size",
                                     "Rows per decode step (in-flight batching) or per batch (static).",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)

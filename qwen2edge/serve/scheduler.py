@@ -21,12 +21,13 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import InputError
 from ..runtime.continuous import InFlightBatch
 from ..runtime.generator import Generation, Generator, Row
 from ..runtime.logits import TokenLogprob
+from ..runtime.prefix_cache import PrefixCache
 from ..runtime.sampling import SamplingParams
 from ..runtime.scoring import prompt_logprobs
 from .metrics import Metrics
@@ -94,8 +95,15 @@ class Scheduler:
 
     def __init__(self, generator: Generator, max_concurrency: int = 8, max_batch: int | None = None,
                  max_queue: int = 64, batch_wait_s: float = 0.005, metrics: Metrics | None = None,
-                 in_flight: bool = True):
+                 in_flight: bool = True, speculator_factory: Callable[[], Any] | None = None,
+                 prefix_cache: PrefixCache | None = None, prefill_chunk: int = 0):
         self.generator = generator
+        # Speculation works in both batching modes (a speculator per worker); the prefix cache (shared)
+        # and chunked prefill need in-flight batching.
+        self.speculator_factory = speculator_factory
+        self.prefix_cache = prefix_cache
+        self.prefill_chunk = prefill_chunk
+        self._reused_seen = 0
         self.in_flight = in_flight and getattr(generator.backend, "in_flight_batching", False)
         limit = getattr(generator.backend, "max_batch", None)  # e.g. the TensorRT engine's --max-batch
         self.max_batch = max(1, min(resolve_max_batch(max_batch, limit), max_concurrency))
@@ -187,15 +195,16 @@ class Scheduler:
         return jobs
 
     def _worker(self) -> None:
+        speculator = self.speculator_factory() if self.speculator_factory else None
         if self.in_flight:
-            self._worker_in_flight()
+            self._worker_in_flight(speculator)
             return
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
             if batch:
-                self._run(batch)
+                self._run(batch, speculator)
 
     # ---- in-flight batching ----------------------------------------------------------------------
 
@@ -213,8 +222,9 @@ class Scheduler:
                 self._cond.wait()
             return self._pop(batch.free, idle=not len(batch))
 
-    def _worker_in_flight(self) -> None:
-        batch = InFlightBatch(self.generator, self.max_batch)
+    def _worker_in_flight(self, speculator: Any) -> None:
+        batch = InFlightBatch(self.generator, self.max_batch, speculator=speculator, prefix_cache=self.prefix_cache,
+                              prefill_chunk=self.prefill_chunk)
         live: dict[int, Job] = {}  # id(job) -> job, for the rows in `batch`
 
         def on_finish(key: int, result: Generation) -> None:
@@ -233,6 +243,7 @@ class Scheduler:
                     live[id(job)] = job
             try:
                 batch.admit(rows)
+                self._count_reuse()
                 self.metrics.batch_size.observe(len(batch))
                 batch.step(lambda key, delta: self._text(live[key], delta), on_finish,
                            lambda key: self._abort or live[key].cancelled.is_set())
@@ -242,7 +253,15 @@ class Scheduler:
                     self._fail(job, exc)
                 live.clear()
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _count_reuse(self) -> None:
+        """Move the prefix cache's reused-token count (shared by the workers) into the metrics."""
+        if self.prefix_cache is None:
+            return
+        with self._cond:
+            delta, self._reused_seen = self.prefix_cache.reused_tokens - self._reused_seen, self.prefix_cache.reused_tokens
+        self.metrics.prefix_reused.inc(delta)
+
+    def _run(self, jobs: list[Job], speculator: Any = None) -> None:
         self._start(jobs)
         made = [(job, self._row(job)) for job in jobs]
         batch = [job for job, row in made if row is not None]
@@ -259,7 +278,7 @@ class Scheduler:
             self.generator.run_rows([row for _, row in made if row is not None],
                                     on_text=lambda r, delta: self._text(batch[r], delta),
                                     should_stop=lambda r: self._abort or batch[r].cancelled.is_set(),
-                                    on_finish=on_finish)
+                                    on_finish=on_finish, speculator=speculator)
         except Exception as exc:  # a backend failure fails this batch's requests, not the server
             for r in sorted(open_rows):
                 self._fail(batch[r], exc)
@@ -304,6 +323,8 @@ class Scheduler:
         self._release(1, time.perf_counter() - job.submitted_at)
         self.metrics.finished.labels(result.finish_reason).inc()
         self.metrics.generation_tokens.inc(len(result.token_ids))  # cancelled rows' tokens were computed too
+        self.metrics.draft_tokens.labels("drafted").inc(result.drafted)
+        self.metrics.draft_tokens.labels("accepted").inc(result.accepted)
         job._post("done", result)
 
     def _fail(self, job: Job, exc: Exception) -> None:

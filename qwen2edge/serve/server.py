@@ -78,9 +78,22 @@ def serve(bundle_dir: str | Path, settings: ServeSettings = ServeSettings(),
     progress("server stopped")
 
 
+def _speedups(sched, settings: ServeSettings) -> str:
+    parts = []
+    if sched.speculator_factory is not None:
+        spec = settings.speculative_config()
+        parts.append(f"speculative {spec.method} K={spec.num_tokens}")
+    if sched.in_flight and sched.prefix_cache is not None:
+        parts.append(f"prefix cache {settings.prefix_cache_mb} MB")
+    if sched.in_flight and sched.prefill_chunk:
+        parts.append(f"prefill chunks of {sched.prefill_chunk} positions")
+    return "".join(f", {p}" for p in parts)
+
+
 def _banner(state, settings: ServeSettings) -> str:
     sched = state.scheduler
     return (f"serving {settings.model_name!r} ({settings.backend}, max_seq_len {state.bundle.max_seq_len}) at "
             f"http://{settings.host}:{settings.port}/v1 - {sched.workers} worker(s) x batch {sched.max_batch} "
             f"({'in-flight' if sched.in_flight else 'static'}), queue {settings.max_queue}"
+            f"{_speedups(sched, settings)}"
             f"{', API key required' if settings.api_key else ''}; Ctrl-C drains and stops")

@@ -24,6 +24,12 @@ class ServeSettings:
     batching: str = "in-flight"  # or "static"
     api_key: str | None = None  # required as a Bearer token on /v1 when set
     shutdown_timeout: float = 30.0  # seconds a SIGINT/SIGTERM drain waits before cancelling
+    speculative: str | None = None  # "prompt-lookup" or "draft" (runtime/speculative.py)
+    num_speculative_tokens: int = 5
+    ngram: int = 3
+    draft: str | None = None  # draft bundle directory
+    prefix_cache_mb: int = 256  # keys/values of finished requests kept for prompts that start alike; 0: off
+    prefill_chunk: int = 64  # positions per step while a prompt joins running requests; 0: prefill at once
 
     def check(self) -> "ServeSettings":
         """Raise InputError for the first bad value; returns self."""
@@ -40,7 +46,31 @@ class ServeSettings:
             raise InputError("{opt:host} is empty: pass 127.0.0.1 (local only) or 0.0.0.0 (all interfaces)")
         if self.batching not in BATCHING:
             raise InputError(f"unknown batching {self.batching!r}: set {{opt:batching}} to {' or '.join(BATCHING)}")
+        for name in ("prefix_cache_mb", "prefill_chunk"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{{opt:{name}}} must be >= 0, got {getattr(self, name)}: pass 0 to turn it off")
+        self.speculative_config()
         return self
+
+    def speculative_config(self):
+        """The checked SpeculativeConfig the speculative options ask for, or None."""
+        from ..runtime.speculative import SpeculativeConfig
+
+        if self.speculative is None and self.draft is None:
+            return None
+        return SpeculativeConfig(self.speculative or "draft", self.num_speculative_tokens, self.ngram,
+                                 self.draft).check()
 
     def replace(self, **changes: object) -> "ServeSettings":
         return dataclasses.replace(self, **changes)
+
+
+def decode_speedups(bundle, generator, settings: ServeSettings) -> dict:
+    """The scheduler's speculation, prefix-cache and chunked-prefill keywords for these settings (a draft
+    bundle is opened and checked here)."""
+    from ..runtime.prefix_cache import PrefixCache
+    from ..runtime.speculative import speculator_factory
+
+    return {"speculator_factory": speculator_factory(settings.speculative_config(), bundle, generator),
+            "prefix_cache": PrefixCache(settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None,
+            "prefill_chunk": settings.prefill_chunk}
