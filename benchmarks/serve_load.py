@@ -93,10 +93,12 @@ async def run_level(send: Send, concurrency: int, requests: int) -> dict:
             "ttft50": statistics.median(ttft), "ttft95": percentile(ttft, 95)}
 
 
-def start_server(bundle: Path, port: int, max_concurrency: int, max_batch: int, batching: str) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, max_concurrency: int, max_batch: int, batching: str,
+                 *extra: str) -> subprocess.Popen:
+    """`qwen2edge serve` on 127.0.0.1:port (model id "bench"), once /health answers; `extra` are more options."""
     cmd = [sys.executable, "-m", "qwen2edge.cli", "serve", str(bundle), "--port", str(port), "--served-model-name",
            "bench", "--max-concurrency", str(max_concurrency), "--max-batch", str(max_batch), "--max-queue", "256",
-           "--batching", batching]
+           "--batching", batching, *extra]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

@@ -9,7 +9,7 @@ from typing import Callable
 from .errors import Qwen2EdgeError
 
 
-def cached_bundle(model_dir: Path, bundle_dir: Path, progress: Callable[[str], None]) -> Path:
+def cached_bundle(model_dir: Path, bundle_dir: Path, progress: Callable[[str], None], max_seq_len: int = 1024) -> Path:
     """Export once; reuse a bundle whose manifest verifies, points at the same model and has the current
     schema (an older one still runs, but without what changed since, e.g. the growable cache)."""
     from . import io_spec
@@ -19,12 +19,12 @@ def cached_bundle(model_dir: Path, bundle_dir: Path, progress: Callable[[str], N
     try:
         bundle = Bundle.open(bundle_dir)
         if (bundle.manifest.source.get("model_dir") == str(model_dir.absolute())
-                and bundle.manifest.schema_version == io_spec.SCHEMA_VERSION):
+                and bundle.manifest.schema_version == io_spec.SCHEMA_VERSION and bundle.max_seq_len == max_seq_len):
             progress(f"reusing bundle {bundle_dir}")
             return bundle_dir
     except Qwen2EdgeError:
         pass
-    export_bundle(model_dir, bundle_dir, ExportOptions(max_seq_len=1024, dtype="fp32"), progress=progress)
+    export_bundle(model_dir, bundle_dir, ExportOptions(max_seq_len=max_seq_len, dtype="fp32"), progress=progress)
     return bundle_dir
 
 
