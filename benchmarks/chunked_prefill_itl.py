@@ -4,8 +4,9 @@ prompt prefilled at once or in chunks (`--prefill-chunk` positions per step), on
 In-process (the server's InFlightBatch and generator, no HTTP): --streams greedy rows generate; then the
 long prompt is admitted. A stream's inter-token gap is the time between two consecutive steps that gave
 it a token, including a prefill run between them. The window is from the prompt's admission to its first
-token; "running alone" measures the same number of steps without it. Each setting gets a fresh batch in
-the same run. Usage:
+token; "running alone" measures --alone-steps steps without it, and "after it joined" as many steps once
+the prompt's row decodes (every row's step then reads its cache slots: a floor no prefill scheme
+changes). Each setting gets a fresh batch in the same run. Usage:
     python benchmarks/chunked_prefill_itl.py [--prompt-tokens 1500] [--chunks 0,16,32,64] [--tiny]
 """
 
@@ -22,7 +23,10 @@ from spec_common import default_bundle, load_line, log, tiny_bundle
 from speculative_decode import FREE, PASSAGE
 
 
-def measure(gen, tok, streams: int, joiner: list[int] | None, chunk: int, window: int | None) -> dict:
+def measure(gen, tok, streams: int, joiner: list[int] | None, chunk: int, window: int,
+            after: bool = False) -> dict:
+    """ITL over the join window (or `window` steps without a joiner); with `after`, also over `window` steps
+    once the joiner decodes (its cache slots are then read by every row's step)."""
     from qwen2edge.runtime.continuous import InFlightBatch
     from qwen2edge.runtime.sampling import SamplingParams
 
@@ -34,7 +38,7 @@ def measure(gen, tok, streams: int, joiner: list[int] | None, chunk: int, window
     gaps, t_last, t_join = [], time.perf_counter(), None
     if joiner is not None:
         t_join = time.perf_counter()
-        batch.admit([("joiner", gen.new_row(joiner, SamplingParams(max_new_tokens=4, stop_token_ids=(-1,))))])
+        batch.admit([("joiner", gen.new_row(joiner, SamplingParams(max_new_tokens=window + 2, stop_token_ids=(-1,))))])
     ttft = None
     for _ in range(100000):
         batch.step()
@@ -47,9 +51,18 @@ def measure(gen, tok, streams: int, joiner: list[int] | None, chunk: int, window
             break
         if joiner is None and len(gaps) >= window:
             break
+    out = {"steps": len(gaps), "p50": statistics.median(gaps), "p95": percentile(gaps, 95), "max": max(gaps),
+           "ttft": ttft}
+    if after:
+        gaps, t_last = [], time.perf_counter()
+        for _ in range(window):
+            batch.step()
+            gaps.append(time.perf_counter() - t_last)
+            t_last += gaps[-1]
+        out["after"] = {"steps": len(gaps), "p50": statistics.median(gaps), "p95": percentile(gaps, 95),
+                        "max": max(gaps), "ttft": None}
     batch.abandon()
-    return {"steps": len(gaps), "p50": statistics.median(gaps), "p95": percentile(gaps, 95), "max": max(gaps),
-            "ttft": ttft}
+    return out
 
 
 def main() -> None:
@@ -77,7 +90,10 @@ def main() -> None:
     for chunk in (int(c) for c in args.chunks.split(",")):
         label = "joins, at once" if chunk == 0 else f"joins, chunks of {chunk}"
         log(f"{args.prompt_tokens}-token prompt {label}")
-        rows.append((label, measure(gen, tok, args.streams, joiner, chunk, None)))
+        r = measure(gen, tok, args.streams, joiner, chunk, args.alone_steps, after=chunk == 0)
+        rows.append((label, r))
+        if "after" in r:
+            rows.append(("after it joined", r["after"]))
     alone = rows[0][1]["p95"]
     print(f"default model{' (tiny stand-in)' if args.tiny else ''} fp32, {args.streams} greedy streams, a "
           f"{args.prompt_tokens}-token prompt joins (bundle max_seq_len {max_len}); {load_line()}")

@@ -342,7 +342,7 @@ def validate(model_dir: str, bundle_dir: str, steps: int, long_prompt_tokens: in
 @click.option("--prefix-cache-mb", type=int, default=256, show_default=True,
               help="Memory for keys/values of finished requests, reused by prompts that start the same way (the "
                    "next chat turn, a shared system prompt); 0 turns it off. In-flight batching only.")
-@click.option("--prefill-chunk", type=int, default=64, show_default=True,
+@click.option("--prefill-chunk", type=int, default=32, show_default=True,
               help="Positions per step while a prompt joins running requests: it is prefilled in chunks between "
                    "their tokens; 0 prefills it at once. In-flight batching only.")
 def serve(bundle_dir: str, **settings: Any) -> None:

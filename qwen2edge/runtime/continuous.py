@@ -133,10 +133,10 @@ class InFlightBatch:
                 if not run.complete:
                     continue
             ended.append(i)
-            self._remember(i, e)
             result = e.row.finish(emit)
             if on_finish:
                 on_finish(e.key, result)
+            self._remember(i, e)  # after the answer is out; before compaction reuses the cache row
         self._compact(ended)
         if not self.entries:
             self._release()  # idle: free the cache

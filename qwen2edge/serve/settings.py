@@ -29,7 +29,7 @@ class ServeSettings:
     ngram: int = 3
     draft: str | None = None  # draft bundle directory
     prefix_cache_mb: int = 256  # keys/values of finished requests kept for prompts that start alike; 0: off
-    prefill_chunk: int = 64  # positions per step while a prompt joins running requests; 0: prefill at once
+    prefill_chunk: int = 32  # positions per step while a prompt joins running requests; 0: prefill at once
 
     def check(self) -> "ServeSettings":
         """Raise InputError for the first bad value; returns self."""

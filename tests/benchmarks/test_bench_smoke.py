@@ -77,34 +77,33 @@ def _table_rows(out: str, first_words: tuple[str, ...]) -> list[list[str]]:
     return [line.split() for line in out.splitlines() if line.startswith(first_words)]
 
 
+def _run_tiny(script: str, *args: str) -> str:
+    """A benchmark's --tiny run; its stdout (the table)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args], capture_output=True,
+                          text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.mark.slow
 def test_speculative_decode_tiny_prints_every_method():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speculative_decode.py"), "--tiny",
-                           "--new-tokens", "8", "--draft-layers", "1"], capture_output=True, text=True, timeout=900,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _table_rows(proc.stdout, ("grounded", "free chat"))
-    assert len(rows) == 8, proc.stdout  # plain, prompt lookup, two drafts; two prompt categories
-    assert all(r[-1] == "yes" for r in rows), proc.stdout  # greedy speculation never changed the output
+    out = _run_tiny("speculative_decode.py", "--new-tokens", "8", "--draft-layers", "1")
+    rows = _table_rows(out, ("grounded", "free chat"))
+    assert len(rows) == 8, out  # plain, prompt lookup, two drafts; two prompt categories
+    assert all(r[-1] == "yes" for r in rows), out  # greedy speculation never changed the output
 
 
 @pytest.mark.slow
 def test_prefix_cache_ttft_tiny_reuses_the_first_turn():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefix_cache_ttft.py"), "--tiny",
-                           "--answer-tokens", "6", "--conversations", "2", "--port", "8791"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    off, on = _table_rows(proc.stdout, ("off", "256 MB"))
-    assert float(off[4]) == 0 and float(on[5]) > 100, proc.stdout  # reused tokens: none without the cache
+    out = _run_tiny("prefix_cache_ttft.py", "--answer-tokens", "6", "--conversations", "2", "--port", "8791")
+    off, on = _table_rows(out, ("off", "256 MB"))
+    assert float(off[4]) == 0 and float(on[5]) > 100, out  # reused tokens: none without the cache
 
 
 @pytest.mark.slow
 def test_chunked_prefill_itl_tiny_prints_each_setting():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chunked_prefill_itl.py"), "--tiny",
-                           "--prompt-tokens", "300", "--chunks", "0,64", "--alone-steps", "5"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _table_rows(proc.stdout, ("running alone", "joins"))
-    assert [r[0] for r in rows] == ["running", "joins,", "joins,"], proc.stdout
+    out = _run_tiny("chunked_prefill_itl.py", "--prompt-tokens", "300", "--chunks", "0,64", "--alone-steps", "5")
+    rows = _table_rows(out, ("running alone", "joins"))
+    assert [r[0] for r in rows] == ["running", "joins,", "joins,"], out
     at_once, chunked = rows[1], rows[2]
-    assert at_once[3] == "1" and int(chunked[4]) > 1, proc.stdout  # steps: one prefill vs several chunks
+    assert at_once[3] == "1" and int(chunked[4]) > 1, out  # steps: one prefill vs several chunks

@@ -109,7 +109,7 @@ def test_low_acceptance_falls_back_to_plain_decoding(generators, small_draft):
 
 def test_sampled_runs_are_reproducible_with_a_seed(generators):
     bundle_dir, gen = generators("gqa")
-    params = SamplingParams(max_new_tokens=30, temperature=0.8, top_p=0.95, seed=11, stop_token_ids=(-1,))
+    params = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=11, stop_token_ids=(-1,))
     runs = [gen.generate(PROMPTS, params, speculator=_speculator(bundle_dir, gen, "draft", bundle_dir))[0]
             for _ in range(2)]
     assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]
