@@ -34,8 +34,7 @@ def tiny_bundle(work: Path, max_seq_len: int = 1024, progress: Log = log) -> tup
     """A 2-layer random Qwen2 with the Qwen tokenizer (for --tiny smoke runs)."""
     from qwen2edge.exporter.export import ExportOptions, export_bundle
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from tiny_models import make_tiny_qwen2
+    from tests.tiny_models import make_tiny_qwen2  # the checkout's root is on sys.path (above)
 
     model_dir, bundle = work / "tiny-model", work / f"tiny-bundle-{max_seq_len}"
     if not (bundle / "manifest.json").is_file():
