@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from qwen2edge.runtime.bundle import Bundle
+from qwen2edge.runtime.constrain import Grammar
 from qwen2edge.runtime.continuous import InFlightBatch
 from qwen2edge.runtime.kv_cache import HostKVCache
 from qwen2edge.runtime.prefix_cache import PrefixCache
@@ -140,6 +141,32 @@ def test_everything_at_once_with_speculation_and_a_sampled_row(gqa):
     assert d.results["a"].token_ids == _alone(gen, PROMPTS[0], _greedy(20)).token_ids
     assert d.results["b"].token_ids == _alone(gen, PROMPTS[3], _greedy(20)).token_ids
     assert d.results["c"].token_ids == _alone(gen, PROMPTS[0] + [11, 12], sampled, make()).token_ids
+
+
+def test_speculating_rows_keep_logprobs_penalties_and_grammars(gqa):
+    """In-flight rows with the server's per-row features (logprobs, penalties, logit_bias, min_tokens, a
+    grammar) speculate and still equal their plain runs alone, logprobs included."""
+    bundle_dir, gen = gqa
+    make = speculator_factory(SpeculativeConfig("draft", 4, 2, str(bundle_dir)), Bundle.open(bundle_dir), gen)
+    hello = gen.tokenizer.encode("hello world, hello world, hello")
+    jobs = [("pen", PROMPTS[0], SamplingParams(max_new_tokens=16, presence_penalty=1.0, logit_bias={1879: 3.0},
+                                               logprobs=2, stop_token_ids=(-1,))),
+            ("ban", PROMPTS[1], SamplingParams(max_new_tokens=14, min_tokens=10, frequency_penalty=0.7)),
+            ("gram", hello, SamplingParams(max_new_tokens=18, grammar=Grammar("regex", "(hello|world|, )+"),
+                                           logprobs=0))]
+    d = Driver(gen, 3, speculator=make(), prefix_cache=PrefixCache(64 << 20), prefill_chunk=6)
+    d.admit(jobs[0])
+    d.step(2)
+    d.admit(*jobs[1:])
+    d.drain()
+    for key, prompt, params in jobs:
+        got, alone = d.results[key], _alone(gen, prompt, params)
+        assert (got.token_ids, got.text, got.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason), key
+        assert [x.token for x in got.logprobs or ()] == [x.token for x in alone.logprobs or ()], key
+        assert [x.logprob for x in got.logprobs or ()] == pytest.approx([x.logprob for x in alone.logprobs or ()],
+                                                                        abs=1e-4), key
+        assert got.drafted > 0, key
+    assert len(d.results["pen"].logprobs) == len(d.results["pen"].token_ids)
 
 
 def test_dca_prompts_past_l0_are_prefilled_whole_and_equal(tiny_bundle_factory):

@@ -5,6 +5,7 @@ follows the target's distribution (chi-square over thousands of seeded rows on a
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from qwen2edge.errors import InputError
 from qwen2edge.runtime import speculative
 from qwen2edge.runtime.bundle import Bundle
+from qwen2edge.runtime.constrain import Grammar
 from qwen2edge.runtime.sampling import SamplingParams, probabilities
 from qwen2edge.runtime.speculative import SpeculativeConfig, rejection_step, speculator_factory
 
@@ -82,6 +84,42 @@ def test_greedy_output_equals_plain_for_every_proposer(variant, generators, smal
                 assert timings.decode_steps < timings.decode_tokens
                 if variant == "dca":  # the temperature (L0 = 32) makes multi-token steps inexact past 32 slots
                     assert all(r.drafted < 32 - len(p) for r, p in own)
+
+
+def _same(a, b, why) -> None:
+    """Token for token, and the same log-probabilities (a verify step's logits may differ in the last bits)."""
+    assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason), why
+    if a.logprobs is None:
+        assert b.logprobs is None, why
+        return
+    assert [(x.token, [t for t, _ in x.top]) for x in b.logprobs] == [(x.token, [t for t, _ in x.top])
+                                                                      for x in a.logprobs], why
+    assert [x.logprob for x in b.logprobs] == pytest.approx([x.logprob for x in a.logprobs], abs=1e-4), why
+
+
+def test_greedy_rows_with_penalties_bias_bans_logprobs_and_a_grammar_equal_plain(generators):
+    """Drafts are checked through each row's own logits chain, so OpenAI penalties, logit_bias, min_tokens,
+    logprobs and grammars hold exactly; the model as its own draft proposes the unprocessed argmax, so the
+    chain really rejects some drafts."""
+    bundle_dir, gen = generators("gqa")
+    grammar = Grammar("regex", "(hello|world|, | there)+")
+    rows = [
+        SamplingParams(max_new_tokens=20, presence_penalty=0.8, frequency_penalty=0.5, logit_bias={1879: 4.0},
+                       stop_token_ids=(-1,)),
+        SamplingParams(max_new_tokens=20, min_tokens=12, logprobs=3),
+        SamplingParams(max_new_tokens=24, grammar=grammar, logprobs=1),
+    ]
+    prompts = [PROMPTS[0], PROMPTS[1], gen.tokenizer.encode("hello world, hello world, hello")]
+    plain, _ = gen.generate(prompts, rows)
+    assert re.fullmatch("[helowrdt ,]+", plain[2].text)  # the grammar held (max_new_tokens may cut a word)
+    for method, draft in (("prompt-lookup", None), ("draft", bundle_dir)):
+        got, _ = gen.generate(prompts, rows, speculator=_speculator(bundle_dir, gen, method, draft))
+        for a, b, why in zip(plain, got, ("penalties", "min_tokens+logprobs", "grammar")):
+            _same(a, b, (method, why))
+        assert all(r.drafted > 0 for r in got) if method == "draft" else sum(r.drafted for r in got) > 0, \
+            [(r.drafted, r.accepted) for r in got]
+        if method == "draft":
+            assert got[0].accepted < got[0].drafted  # the penalties turned some of the draft's picks down
 
 
 def test_stop_id_and_stop_string_inside_an_accepted_run(generators):
@@ -209,6 +247,37 @@ def test_sampled_output_follows_the_target_distribution(method, vocab4, monkeypa
     monkeypatch.setattr(speculative, "rejection_step", wrong)
     counts, _ = _sampled_joint(gen, make, params, rows=400, batches=6)
     assert chi2(counts, expected)[0] > chi2_critical(dof)
+
+
+def test_sampled_output_with_penalties_bias_and_bans_follows_the_processed_distribution(vocab4):
+    """Rejection sampling against the row's processed distribution: presence/frequency penalties (which
+    change with every accepted token), logit_bias and min_tokens' ban on the stop id."""
+    target, draft = vocab4
+    gen = Bundle.open(target).generator()
+    params = SamplingParams(max_new_tokens=4, temperature=0.9, presence_penalty=1.0, frequency_penalty=0.5,
+                            logit_bias={2: 0.7}, min_tokens=3, stop_token_ids=(3,))
+
+    def dist(generated):
+        row = gen.new_row(PROMPT4, params)
+        for tok in generated:
+            row.accept(tok, None)
+        return probabilities(row.scores(gen.prefill(gen.new_cache(1, 16), [PROMPT4 + generated])), params)[0]
+
+    joint = np.zeros((4, 4, 4))
+    p1 = dist([])
+    for a in range(4):
+        p2 = dist([a])
+        for b in range(4):
+            joint[a, b] = p1[a] * p2[b] * dist([a, b])
+    assert joint[3].sum() == joint[:, 3].sum() == joint[:, :, 3].sum() == 0  # the ban holds in the law itself
+    expected = joint.reshape(-1) * 2400
+    make = speculator_factory(SpeculativeConfig("draft", 2, 1, str(draft)), Bundle.open(target), gen)
+    counts, drafted = _sampled_joint(gen, make, params, rows=400, batches=6)
+    stat, dof = chi2(counts, expected)
+    assert drafted >= 2 * 2400
+    assert stat < chi2_critical(dof), stat
+    # Teeth: the same draws scored against the unprocessed law are rejected.
+    assert chi2(counts, _exact_joint(gen, params) * 2400)[0] > chi2_critical(dof)
 
 
 # ---- command line ---------------------------------------------------------------------------------

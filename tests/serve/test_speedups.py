@@ -50,6 +50,17 @@ def test_in_flight_server_with_every_speedup_answers_as_plain_generation(bundle_
         first = plain(PROMPTS[0], 24)
         turn2 = PROMPTS[0] + first.token_ids + [151645, 198, 151644, 872, 198, 40, 1079]
         assert _complete(server, turn2, 12) == plain(turn2, 12).text
+        # A request with logprobs and a logit_bias speculates too: the same text, and one record per token
+        # equal to plain generation's.
+        want = Bundle.open(bundle_dir).generator().generate(
+            [PROMPTS[1]], SamplingParams(max_new_tokens=20, logprobs=2, logit_bias={1079: 2.0}))[0][0]
+        body = {"model": server.model, "prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0, "logprobs": 2,
+                "logit_bias": {"1079": 2.0}}
+        resp = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        choice = resp.json()["choices"][0]
+        assert choice["text"] == want.text
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx([x.logprob for x in want.logprobs], abs=1e-4)
         metrics = server.metrics()
         assert metrics["qwen2edge_prefix_cache_reused_tokens_total"] >= len(PROMPTS[0]) + len(first.token_ids) - 1
         assert metrics['qwen2edge_speculative_tokens_total{kind="drafted"}'] > 0
