@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from serve_load import percentile
-from spec_common import default_bundle, load_line, log, tiny_bundle
+from spec_common import default_bundle, load_line, log, scratch, tiny_bundle
 from speculative_decode import FREE, PASSAGE
 
 
@@ -76,7 +74,7 @@ def main() -> None:
     from qwen2edge.runtime.bundle import Bundle
 
     max_len = 2048
-    bundle_dir = (tiny_bundle(Path(tempfile.mkdtemp(prefix="qwen2edge-chunk-")), max_len)[1] if args.tiny
+    bundle_dir = (tiny_bundle(scratch("qwen2edge-chunk-"), max_len)[1] if args.tiny
                   else default_bundle(max_len)[1])
     bundle = Bundle.open(bundle_dir)
     gen, tok = bundle.generator(), bundle.tokenizer

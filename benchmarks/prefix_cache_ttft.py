@@ -14,13 +14,12 @@ import argparse
 import json
 import signal
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 from serve_load import start_server
-from spec_common import default_bundle, load_line, log, tiny_bundle
+from spec_common import default_bundle, load_line, log, scratch, tiny_bundle
 from speculative_decode import CODE, PASSAGE
 
 SYSTEM = "You are a helpful assistant. Answer questions about the text the user gives you."
@@ -90,7 +89,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8766)
     ap.add_argument("--tiny", action="store_true", help="a 2-layer random model (smoke run)")
     args = ap.parse_args()
-    bundle = tiny_bundle(Path(tempfile.mkdtemp(prefix="qwen2edge-prefix-")))[1] if args.tiny else default_bundle()[1]
+    bundle = tiny_bundle(scratch("qwen2edge-prefix-"))[1] if args.tiny else default_bundle()[1]
     rows = {}
     for cache_mb in (0, 256):
         log(f"server with --prefix-cache-mb {cache_mb}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +19,13 @@ Log = Callable[[str], None]
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def scratch(prefix: str) -> Path:
+    """A temporary directory, removed when the script exits (a --tiny run exports 0.2-0.6 GB into it)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def default_bundle(max_seq_len: int = 1024, progress: Log = log) -> tuple[Path, Path]:

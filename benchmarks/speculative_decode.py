@@ -12,10 +12,8 @@ tiny Qwen2 with its tokenizer, and SmolLM2 cut to its first --draft-layers layer
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
-from spec_common import default_bundle, draft_bundles, load_line, log, tiny_bundle
+from spec_common import default_bundle, draft_bundles, load_line, log, scratch, tiny_bundle
 
 PASSAGE = ("The lighthouse stood on a rocky point at the edge of the bay. Every evening the keeper climbed the "
            "one hundred and twelve steps to light the lamp, and every morning he climbed them again to put it "
@@ -52,7 +50,7 @@ def main() -> None:
     from qwen2edge.runtime.sampling import SamplingParams
     from qwen2edge.runtime.speculative import SpeculativeConfig, speculator_factory
 
-    work = Path(tempfile.mkdtemp(prefix="qwen2edge-spec-")) if args.tiny else default_model_dir().parent / "bench" / "spec-drafts"
+    work = scratch("qwen2edge-spec-") if args.tiny else default_model_dir().parent / "bench" / "spec-drafts"
     model_dir, bundle_dir = tiny_bundle(work) if args.tiny else default_bundle()
     drafts = {} if args.no_drafts else draft_bundles(model_dir, work, args.draft_layers)
     bundle = Bundle.open(bundle_dir)
