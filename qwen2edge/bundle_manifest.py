@@ -16,10 +16,14 @@ from typing import Any, Mapping
 
 from . import io_spec
 from .config import ModelConfig
-from .errors import BundleError
-from .manifest import MANIFEST, file_table, read_manifest, write_json_atomic
+from .errors import BundleError, InputError
+from .manifest import MANIFEST, check_entry, file_table, is_confined, read_manifest, verify_files, write_json_atomic
 
 BUNDLE_KIND = "onnx-bundle"
+TOKENIZER_JSON = "tokenizer.json"
+# Files the runtime reads when they are present (besides the model and its external data): each must then
+# be listed, or an unlisted one could be swapped in unverified.
+RUNTIME_READS = (TOKENIZER_JSON, "tokenizer_config.json", "generation_config.json")
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class BundleManifest:
             raise BundleError(f"{where} was written with manifest schema {version}, this qwen2edge reads "
                               f"{', '.join(map(str, io_spec.READABLE_SCHEMAS))}: re-export the bundle")
         try:
-            return cls(
+            manifest = cls(
                 model_file=str(d["model_file"]),
                 dtype=str(d["dtype"]),
                 opset=int(d["opset"]),
@@ -166,23 +170,49 @@ class BundleManifest:
                 quantization=QuantizationRecord.from_dict(d.get("quantization")),
                 debug_hidden_states=bool(d.get("debug_hidden_states", False)),
                 tokenizer_files=tuple(d.get("tokenizer_files") or ()),
-                files={str(rel): FileEntry(str(m["sha256"]), int(m["bytes"]))
-                       for rel, m in (d.get("files") or {}).items()},
+                files={rel: FileEntry(*check_entry(rel, m, where)) for rel, m in _files_table(d, where).items()},
                 source=dict(d.get("source") or {}),
                 library_versions=dict(d.get("library_versions") or {}),
                 export_seconds=float(d.get("export_seconds") or 0.0),
                 schema_version=int(version),
                 kind=str(d.get("kind", BUNDLE_KIND)),
             )
+        except BundleError:
+            raise
+        except InputError as exc:  # a model_config value out of range
+            raise BundleError(f"{where} holds a bad model config ({exc}): re-export the bundle") from None
         except KeyError as exc:
             raise BundleError(f"{where} lacks {exc}: re-export the bundle") from None
         except (TypeError, ValueError) as exc:
             raise BundleError(f"{where} has a malformed entry ({exc}): re-export the bundle") from None
+        manifest.check_listed(where)
+        return manifest
+
+    def check_listed(self, where: str = MANIFEST) -> None:
+        """Every file the runtime loads must be listed (so verified) and inside the bundle: the model and
+        the tokenizer files."""
+        for name, role in ((self.model_file, "model_file"), (TOKENIZER_JSON, "tokenizer"),
+                           *((f, "tokenizer_files") for f in self.tokenizer_files)):
+            if not is_confined(name):
+                raise BundleError(f"{where} names {name!r} as its {role}, a path outside the bundle: refusing it; "
+                                  "re-export the bundle")
+            if name not in self.files:
+                raise BundleError(f"{where} does not list {name}, which the runtime loads, so it cannot be "
+                                  "verified: re-export the bundle")
 
     @classmethod
     def read(cls, root: str | Path, verify: bool = True) -> "BundleManifest":
-        """root/manifest.json, typed; with `verify`, every listed file's size and sha256 is checked first."""
-        return cls.from_dict(read_manifest(root, verify=verify), where=str(Path(root) / MANIFEST))
+        """root/manifest.json, typed; with `verify`, every listed file's size and sha256 is checked, and a
+        file the runtime would read but the manifest does not list is refused."""
+        root, where = Path(root), str(Path(root) / MANIFEST)
+        manifest = cls.from_dict(read_manifest(root, verify=False), where=where)
+        if verify:
+            verify_files(root, {rel: e.to_dict() for rel, e in manifest.files.items()}, where)
+            for name in (*RUNTIME_READS, manifest.model_file + ".data"):
+                if name not in manifest.files and (root / name).exists():
+                    raise BundleError(f"{root / name} is not listed in {where}, so it cannot be verified: remove "
+                                      "it, or re-export the bundle")
+        return manifest
 
     def write(self, root: str | Path) -> "BundleManifest":
         """Checksum every file under root and write root/manifest.json; returns the manifest with its files."""
@@ -192,3 +222,10 @@ class BundleManifest:
         write_json_atomic(root / MANIFEST, done.to_dict())
         return done
 
+
+
+def _files_table(d: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    files = d.get("files")
+    if not isinstance(files, Mapping) or not files:
+        raise BundleError(f"{where} lists no files, so nothing in the bundle can be verified: re-export the bundle")
+    return files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,6 +13,33 @@ from .errors import InputError
 
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 ROPE_TYPES = ("default", "yarn")
+
+
+def _bad(name: str, value: Any, need: str) -> InputError:
+    return InputError(f"config.json {name} must be {need}, got {value!r}: restore the original config.json")
+
+
+def _check_int(name: str, value: Any, low: int = 1) -> None:
+    if type(value) is not int or value < low:
+        raise _bad(name, value, f"an integer >= {low}")
+
+
+def _check_float(name: str, value: Any, positive: bool = False, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if type(value) not in (int, float) or not math.isfinite(value) or (positive and value <= 0):
+        raise _bad(name, value, "a finite positive number" if positive else "a finite number")
+
+
+def _number(raw: Mapping[str, Any], key: str, kind: type, default: Any = None, name: str | None = None) -> Any:
+    """raw[key] as `kind` (int or float); a one-line InputError for text, booleans and fractional ints.
+    Ranges are checked by the dataclasses (one place for config.json and manifests alike)."""
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or (kind is int and not (math.isfinite(value) and value == int(value))):
+        raise _bad(name or key, value, "an integer" if kind is int else "a number")
+    return kind(value)
 
 
 @dataclass(frozen=True)
@@ -28,6 +56,17 @@ class RopeScaling:
     attention_factor: float | None = None
     truncate: bool = True
 
+    def __post_init__(self) -> None:
+        if type(self.factor) not in (int, float) or not math.isfinite(self.factor) or self.factor <= 1.0:
+            raise InputError(f"YaRN needs a finite rope scaling factor > 1 (got {self.factor!r}): set "
+                             "rope_scaling.factor in config.json or {opt:rope_factor}, e.g. 4.0")
+        if self.original_max_position_embeddings is not None:
+            _check_int("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings)
+        for name in ("beta_fast", "beta_slow"):
+            _check_float(f"rope_scaling.{name}", getattr(self, name))
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            _check_float(f"rope_scaling.{name}", getattr(self, name), optional=True)
+
 
 @dataclass(frozen=True)
 class DualChunkConfig:
@@ -36,6 +75,17 @@ class DualChunkConfig:
     chunk_size: int
     local_size: int
     original_max_position_embeddings: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("dual_chunk_attention_config.chunk_size", self.chunk_size, 2)
+        _check_int("dual_chunk_attention_config.local_size", self.local_size)
+        _check_int("dual_chunk_attention_config.original_max_position_embeddings",
+                   self.original_max_position_embeddings, 0)
+        if not 0 < self.local_size < self.chunk_size:
+            raise InputError(
+                f"DCA needs 0 < local_size < chunk_size (got local_size={self.local_size}, "
+                f"chunk_size={self.chunk_size}): lower local_size or raise chunk_size"
+            )
 
     @property
     def period(self) -> int:
@@ -65,6 +115,23 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        """Every field in range: bad values fail here in one line, not later as a crash."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            _check_int(name, getattr(self, name))
+        _check_float("rms_norm_eps", self.rms_norm_eps, positive=True)
+        _check_float("rope_theta", self.rope_theta, positive=True)
+        _check_float("partial_rotary_factor", self.partial_rotary_factor, positive=True)
+        if self.partial_rotary_factor > 1 or self.rotary_dim < 2:
+            raise _bad("partial_rotary_factor", self.partial_rotary_factor,
+                       f"at most 1 and leave at least 2 of head_dim {self.head_dim} channels rotated")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise InputError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads}): fix config.json")
+        for i in self.eos_token_id:
+            _check_int("eos_token_id", i, 0)
 
     @property
     def rotary_dim(self) -> int:
@@ -113,21 +180,20 @@ def parse_rope_scaling(raw: Mapping[str, Any] | None) -> RopeScaling | None:
             f"{', '.join(ROPE_TYPES)}: remove rope_scaling or set its type to 'yarn'"
         )
     factor = raw.get("factor")
-    if factor is None or float(factor) <= 1.0:
-        raise InputError(
-            f"YaRN needs a rope scaling factor > 1 (got {factor!r}): set rope_scaling.factor, e.g. 4.0"
-        )
-    omp = raw.get("original_max_position_embeddings")
+    if type(factor) not in (int, float):
+        raise InputError(f"YaRN needs a rope scaling factor > 1 (got {factor!r}): set rope_scaling.factor in "
+                         "config.json or {opt:rope_factor}, e.g. 4.0")
     return RopeScaling(
         rope_type="yarn",
         factor=float(factor),
-        original_max_position_embeddings=None if omp is None else int(omp),
+        original_max_position_embeddings=_number(raw, "original_max_position_embeddings", int,
+                                                 name="rope_scaling.original_max_position_embeddings"),
         # transformers treats 0/None as "use the default".
-        beta_fast=float(raw.get("beta_fast") or 32.0),
-        beta_slow=float(raw.get("beta_slow") or 1.0),
-        mscale=_as_float(raw.get("mscale"), None),
-        mscale_all_dim=_as_float(raw.get("mscale_all_dim"), None),
-        attention_factor=_as_float(raw.get("attention_factor"), None),
+        beta_fast=_number(raw, "beta_fast", float, name="rope_scaling.beta_fast") or 32.0,
+        beta_slow=_number(raw, "beta_slow", float, name="rope_scaling.beta_slow") or 1.0,
+        mscale=_number(raw, "mscale", float, name="rope_scaling.mscale"),
+        mscale_all_dim=_number(raw, "mscale_all_dim", float, name="rope_scaling.mscale_all_dim"),
+        attention_factor=_number(raw, "attention_factor", float, name="rope_scaling.attention_factor"),
         truncate=bool(raw.get("truncate", True)),
     )
 
@@ -136,22 +202,15 @@ def parse_dual_chunk(raw: Mapping[str, Any] | None) -> DualChunkConfig | None:
     """Read `dual_chunk_attention_config`; None when absent."""
     if not raw:
         return None
-    try:
-        cfg = DualChunkConfig(
-            chunk_size=int(raw["chunk_size"]),
-            local_size=int(raw["local_size"]),
-            original_max_position_embeddings=int(raw.get("original_max_position_embeddings") or 0),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(
-            f"dual_chunk_attention_config is incomplete ({exc}): give integer chunk_size and local_size"
-        ) from None
-    if not 0 < cfg.local_size < cfg.chunk_size:
-        raise InputError(
-            f"DCA needs 0 < local_size < chunk_size (got local_size={cfg.local_size}, "
-            f"chunk_size={cfg.chunk_size}): lower local_size or raise chunk_size"
-        )
-    return cfg
+    if "chunk_size" not in raw or "local_size" not in raw:
+        raise InputError("dual_chunk_attention_config is incomplete: give integer chunk_size and local_size")
+    where = "dual_chunk_attention_config."
+    return DualChunkConfig(
+        chunk_size=_number(raw, "chunk_size", int, name=where + "chunk_size"),
+        local_size=_number(raw, "local_size", int, name=where + "local_size"),
+        original_max_position_embeddings=_number(raw, "original_max_position_embeddings", int, 0,
+                                                 name=where + "original_max_position_embeddings") or 0,
+    )
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
@@ -167,40 +226,47 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     if missing:
         raise InputError(f"config.json lacks {', '.join(missing)}: use the config.json saved with the checkpoint")
     # transformers 5 moved rope_theta (and the scaling dict) into `rope_parameters`.
-    rope_params = dict(hf.get("rope_parameters") or {})
-    rope_theta = float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_params = hf.get("rope_parameters") or {}
+    if not isinstance(rope_params, Mapping):
+        raise _bad("rope_parameters", rope_params, "an object")
     scaling_raw = hf.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
+    if scaling_raw is not None and not isinstance(scaling_raw, Mapping):
+        raise _bad("rope_scaling", scaling_raw, "an object")
     if scaling_raw and hf.get("original_max_position_embeddings") is not None:
         # transformers gives a top-level original_max_position_embeddings priority over the dict's (Phi-3 style).
         scaling_raw = {**scaling_raw, "original_max_position_embeddings": hf["original_max_position_embeddings"]}
-    heads = int(hf["num_attention_heads"])
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
-    hidden = int(hf["hidden_size"])
-    head_dim = int(hf.get("head_dim") or hidden // heads)
-    if heads % kv_heads:
-        raise InputError(
-            f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads}): fix config.json"
-        )
+    dual_raw = hf.get("dual_chunk_attention_config")
+    if dual_raw is not None and not isinstance(dual_raw, Mapping):
+        raise _bad("dual_chunk_attention_config", dual_raw, "an object")
+    heads = _number(hf, "num_attention_heads", int)
+    hidden = _number(hf, "hidden_size", int)
+    _check_int("num_attention_heads", heads)
+    _check_int("hidden_size", hidden)
+    head_dim = _number(hf, "head_dim", int) or (hidden // heads if hidden >= heads else None)
+    if head_dim is None:
+        raise _bad("hidden_size", hidden, f"a positive multiple of num_attention_heads ({heads}) when head_dim is unset")
     eos = hf.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    eos_ids = tuple(_number({"eos_token_id": e}, "eos_token_id", int) for e in eos_list)
     dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
     return ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=_number(hf, "vocab_size", int),
         hidden_size=hidden,
-        intermediate_size=int(hf["intermediate_size"]),
-        num_hidden_layers=int(hf["num_hidden_layers"]),
+        intermediate_size=_number(hf, "intermediate_size", int),
+        num_hidden_layers=_number(hf, "num_hidden_layers", int),
         num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
+        num_key_value_heads=heads if hf.get("num_key_value_heads") is None else _number(hf, "num_key_value_heads", int),
         head_dim=head_dim,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        partial_rotary_factor=float(rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        rms_norm_eps=_number(hf, "rms_norm_eps", float, 1e-6),
+        rope_theta=_number(rope_params, "rope_theta", float) or _number(hf, "rope_theta", float, 10000.0),
+        partial_rotary_factor=(_number(rope_params, "partial_rotary_factor", float)
+                               or _number(hf, "partial_rotary_factor", float, 1.0)),
+        max_position_embeddings=_number(hf, "max_position_embeddings", int, 32768),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", True)),
         rope_scaling=parse_rope_scaling(scaling_raw),
-        dual_chunk=parse_dual_chunk(hf.get("dual_chunk_attention_config")),
-        bos_token_id=hf.get("bos_token_id"),
+        dual_chunk=parse_dual_chunk(dual_raw),
+        bos_token_id=hf.get("bos_token_id") if type(hf.get("bos_token_id")) is int else None,  # unused; informative
         eos_token_id=eos_ids,
         torch_dtype=dtype,
     )

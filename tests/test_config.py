@@ -1,6 +1,7 @@
 """config.json parsing in the spellings found in the wild."""
 
 import json
+import re
 
 import pytest
 
@@ -59,4 +60,40 @@ def test_load_hf_config_errors(tmp_path):
         load_hf_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
+        load_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("patch, needle", [
+    ({"num_hidden_layers": "two"}, "num_hidden_layers must be an integer, got 'two'"),  # once ValueError, exit 1
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be an integer >= 1, got 0"),
+    ({"hidden_size": -64}, "hidden_size must be an integer >= 1, got -64"),
+    ({"intermediate_size": 1.5}, "intermediate_size must be an integer, got 1.5"),
+    ({"vocab_size": True}, "vocab_size must be an integer, got True"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be an integer >= 1, got 0"),
+    ({"max_position_embeddings": None, "head_dim": -1}, "head_dim must be an integer >= 1"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be a finite positive number"),
+    ({"rope_theta": float("inf")}, "rope_theta must be a finite positive number"),
+    ({"rope_theta": "1e6"}, "rope_theta must be a number"),
+    ({"partial_rotary_factor": 2.0}, "partial_rotary_factor must be at most 1"),
+    ({"eos_token_id": ["</s>"]}, "eos_token_id must be an integer"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": float("nan")}}, "finite rope scaling factor > 1 (got nan)"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": float("inf")}}, "finite rope scaling factor > 1 (got inf)"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4, "beta_fast": "fast"}}, "rope_scaling.beta_fast must be a number"),
+    ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
+    ({"dual_chunk_attention_config": {"chunk_size": "big", "local_size": 4}}, "chunk_size must be an integer"),
+    ({"dual_chunk_attention_config": {"chunk_size": 16.5, "local_size": 4}}, "chunk_size must be an integer"),
+])
+def test_bad_values_are_one_line_input_errors(patch, needle):
+    """Text, booleans, fractions, zero, negatives, NaN and infinity: each an InputError (exit 2) naming the
+    field, never a ValueError or a crash later (exit 1, "report a bug")."""
+    raw = {k: v for k, v in {**BASE, **patch}.items() if v is not None}
+    with pytest.raises(InputError, match=re.escape(needle)) as exc:
+        config_from_hf(raw)
+    assert "\n" not in str(exc.value)
+
+
+def test_nan_in_config_json_is_refused(tmp_path):
+    """Python's json reads NaN/Infinity literals; they must not pass as numbers."""
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "rope_theta": 1e6}).replace("1000000.0", "NaN"))
+    with pytest.raises(InputError, match="rope_theta must be a finite positive number, got nan"):
         load_hf_config(tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from ..errors import InputError
 from .backend import Backend
 from .generator import Generator
 from .kv_cache import CACHE_BUCKET
-from .tokenizer import BundleTokenizer
+from .tokenizer import BundleTokenizer, read_generation_config
 
 BACKENDS = ("ort", "trt")
 
@@ -50,8 +49,7 @@ class Bundle:
 
     @property
     def generation_config(self) -> dict[str, Any]:
-        p = self.path / "generation_config.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return read_generation_config(self.path / "generation_config.json")
 
     def stop_token_ids(self) -> tuple[int, ...]:
         """End-of-sequence ids from generation_config.json, config.json and the tokenizer."""

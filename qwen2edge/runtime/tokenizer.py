@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
@@ -12,6 +14,12 @@ from ..errors import InputError
 
 _CHATML_EOS = ("<|im_end|>", "<|endoftext|>")
 _REPLACEMENT = "\ufffd"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Texts this long are encoded through encode_batch, which releases the GIL (encode holds it throughout:
+# a 7 MiB prompt stalled every other thread, the server's event loop included, for seconds).
+_RELEASE_GIL_CHARS = 8192
+# NFC composes at most a few code points into one (e.g. U+0391 U+0313 U+0342 U+0345 -> U+1F8F).
+_NORMALIZER_SHRINK = 4
 
 
 def _token_text(value: Any) -> str | None:
@@ -59,20 +67,34 @@ class BundleTokenizer:
         except Exception as exc:  # tokenizers raises plain Exception subclasses from Rust
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(f"{tok_path} could not be read ({first}): restore the original tokenizer.json") from None
-        config: dict[str, Any] = {}
         cfg_path = root / "tokenizer_config.json"
-        if cfg_path.is_file():
-            try:
-                config = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise InputError(f"{cfg_path} is not valid JSON ({exc}): restore the original file") from None
-            if not isinstance(config, dict):
-                raise InputError(f"{cfg_path} must hold a JSON object: restore the original file")
-        return cls(tokenizer, config)
+        return cls(tokenizer, read_json_object(cfg_path) if cfg_path.is_file() else {})
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids for text; special-token strings in text are matched as single tokens."""
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        """Token ids for text; special-token strings in text are matched as single tokens. Text that is
+        not valid Unicode (a lone UTF-16 surrogate) is an InputError."""
+        try:
+            if len(text) < _RELEASE_GIL_CHARS:
+                return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+            return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
+        except TypeError:  # the Rust side takes only valid Unicode
+            bad = _SURROGATE.search(text) if isinstance(text, str) else None
+            if bad is None:
+                raise
+            raise InputError(f"the {{opt:prompt}} holds a lone UTF-16 surrogate (U+{ord(bad.group()):04X}) at "
+                             f"character {bad.start()}, which is not valid Unicode: send valid UTF-8 text") from None
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of input text one token can stand for: the longest vocabulary entry (a
+        byte-level entry spells one character per byte, and a character is at least one byte), times what a
+        normalizer may compose into one character. Computed once (a pass over the vocabulary)."""
+        longest = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return longest * (_NORMALIZER_SHRINK if self._tok.normalizer is not None else 1)
+
+    def max_text_chars(self, tokens: int) -> int:
+        """No text longer than this encodes to `tokens` tokens or fewer: a size check that needs no encoding."""
+        return tokens * self.max_token_chars
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text for ids; invalid UTF-8 becomes U+FFFD."""
@@ -171,6 +193,44 @@ class BundleTokenizer:
             except TemplateError as exc:
                 raise InputError(f"chat_template does not compile ({exc}): fix it in tokenizer_config.json") from None
         return self._compiled
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a tokenizer or generation config file; InputError for anything else."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}): restore the original file") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a JSON object: restore the original file")
+    return data
+
+
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """generation_config.json ({} when absent), its eos_token_id checked: a token id or a list of them."""
+    if not Path(path).is_file():
+        return {}
+    cfg = read_json_object(path)
+    eos = cfg.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if any(type(i) is not int or i < 0 for i in ids):
+        raise InputError(f"{path} has eos_token_id {eos!r}, which is not a token id or a list of them: restore the "
+                         "original file")
+    return cfg
+
+
+def check_tokenizer_files(root: str | Path) -> BundleTokenizer:
+    """Load and check every tokenizer file a bundle carries (tokenizer.json, tokenizer_config.json and its
+    chat template, generation_config.json, special_tokens_map.json), so a bad one is refused at export
+    rather than copied into the bundle."""
+    root = Path(root)
+    tok = BundleTokenizer.from_dir(root)
+    if tok.has_chat_template:
+        tok._template()  # compiles, or InputError
+    read_generation_config(root / "generation_config.json")
+    if (root / "special_tokens_map.json").is_file():
+        read_json_object(root / "special_tokens_map.json")
+    return tok
 
 
 def _pick_template(value: Any) -> str | None:
