@@ -66,6 +66,12 @@ def backend_option(f: Callable) -> Callable:
                         help="ONNX Runtime, or TensorRT (needs an engine from build-engine).")(f)
 
 
+def overwrite_option(f: Callable) -> Callable:
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace an earlier qwen2edge output there (a path holding anything else is never "
+                             "replaced).")(f)
+
+
 def sampling_options(f: Callable) -> Callable:
     opts = [
         click.option("--max-new-tokens", type=int, default=128, show_default=True),
@@ -153,9 +159,10 @@ def main(ctx: click.Context, verbose: bool) -> None:
               help="Also quantize the lm_head (int8/int4) and the embedding table (int8).")
 @click.option("--debug-hidden-states", is_flag=True,
               help="Debug export: also output every layer's hidden state (for `compare`); not for shipping.")
+@overwrite_option
 def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int, trt_check: str,
            quantize: str | None, block_size: str, quantize_embeddings: bool, debug_hidden_states: bool,
-           **long_context: Any) -> None:
+           overwrite: bool, **long_context: Any) -> None:
     """Export a Qwen2 checkpoint directory to an ONNX bundle (YaRN / DCA / quantization optional)."""
     from .config import LongContextOverrides
     from .exporter.export import ExportOptions, export_bundle
@@ -165,7 +172,7 @@ def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, op
     options = ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset,
                             trt_check=None if trt_check == "none" else trt_check, quantize=quant,
                             debug_hidden_states=debug_hidden_states, long_context=LongContextOverrides(**long_context))
-    export_bundle(model_dir, out_dir, options, progress=progress)
+    export_bundle(model_dir, out_dir, options, progress=progress, overwrite=overwrite)
 
 
 def engine_limit_options(f: Callable) -> Callable:
@@ -193,15 +200,16 @@ def engine_limit_options(f: Callable) -> Callable:
 @click.option("--opt-level", type=int, default=None, help="Builder optimization level 0-5 (TensorRT default 3).")
 @click.option("--tf32", is_flag=True, help="Let an fp32 build use TF32 matmuls (off by default: fp32 engines are "
                                            "validated against PyTorch's fp32).")
+@overwrite_option
 def build_engine(bundle_dir: str, precision: str | None, max_batch: int, max_input_len: int | None,
                  max_logits: int | None, workspace_mib: int | None, timing_cache: str | None,
-                 opt_level: int | None, tf32: bool) -> None:
+                 opt_level: int | None, tf32: bool, overwrite: bool) -> None:
     """Build a TensorRT engine for this device into BUNDLE_DIR/engine (needs TensorRT and a GPU)."""
     from .trt.builder import EngineOptions, build_engine as run
 
     run(bundle_dir, EngineOptions(precision=precision, max_batch=max_batch, max_input_len=max_input_len,
                                   max_logits=max_logits, workspace_mib=workspace_mib, timing_cache=timing_cache,
-                                  opt_level=opt_level, tf32=tf32), progress=progress)
+                                  opt_level=opt_level, tf32=tf32, overwrite=overwrite), progress=progress)
 
 
 @main.command()
@@ -223,21 +231,23 @@ def check(path: str, target: str, as_json: bool) -> None:
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=str))
 @click.option("-o", "--output", "out_file", required=True, type=click.Path(path_type=str), help="FILE.tar.gz")
-def bundle(bundle_dir: str, out_file: str) -> None:
+@overwrite_option
+def bundle(bundle_dir: str, out_file: str, overwrite: bool) -> None:
     """Pack an export for a device: model, tokenizer, manifests, requirements, README, runtime wheel."""
     from .device_bundle import pack_bundle
 
-    pack_bundle(bundle_dir, out_file, progress=progress)
+    pack_bundle(bundle_dir, out_file, progress=progress, overwrite=overwrite)
 
 
 @main.command()
 @click.argument("archive", type=click.Path(path_type=str))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=str), help="Directory.")
-def unbundle(archive: str, out_dir: str) -> None:
-    """Verify (checksums, safe paths) and unpack a device bundle."""
+@overwrite_option
+def unbundle(archive: str, out_dir: str, overwrite: bool) -> None:
+    """Verify (checksums, safe paths, only manifest-listed files) and unpack a device bundle."""
     from .device_bundle import unpack_bundle
 
-    unpack_bundle(archive, out_dir, progress=progress)
+    unpack_bundle(archive, out_dir, progress=progress, overwrite=overwrite)
 
 
 @main.command("plan-memory")
@@ -393,16 +403,18 @@ def triton_repo(bundle_dir: str, out_dir: str, **options: Any) -> None:
               help="Report directory (default: compare-<bundle name> in the current directory).")
 @click.option("--no-layers", is_flag=True, help="Skip per-layer drift (saves a debug re-export).")
 @accuracy_options
+@overwrite_option
 def compare(model_dir: str, bundle_dir: str, backends: tuple[str, ...], prompts_file: str | None, steps: int,
             long_prompt_tokens: int, report_dir: str | None, thresholds: tuple[str, ...], no_layers: bool,
-            as_json: bool) -> None:
+            as_json: bool, overwrite: bool) -> None:
     """Accuracy report: each backend vs the reference, per step and per layer; exit 5 on failure."""
     from .validation.compare import compare_to_report
     from .validation.report import summary_table
     from .validation.results import require_pass
 
     result, out = compare_to_report(model_dir, bundle_dir, backends, prompts_file, steps, report_dir, thresholds,
-                                    layers=not no_layers, long_prompt_tokens=long_prompt_tokens, progress=progress)
+                                    layers=not no_layers, long_prompt_tokens=long_prompt_tokens, progress=progress,
+                                    overwrite=overwrite)
     report = result.to_dict()
     click.echo(json.dumps(report, ensure_ascii=False) if as_json else summary_table(report))
     require_pass(result, out)

@@ -24,7 +24,9 @@ def cached_bundle(model_dir: Path, bundle_dir: Path, progress: Callable[[str], N
             return bundle_dir
     except Qwen2EdgeError:
         pass
-    export_bundle(model_dir, bundle_dir, ExportOptions(max_seq_len=max_seq_len, dtype="fp32"), progress=progress)
+    # The demo's own cache: a stale bundle there is replaced (anything else there is still refused).
+    export_bundle(model_dir, bundle_dir, ExportOptions(max_seq_len=max_seq_len, dtype="fp32"), progress=progress,
+                  overwrite=True)
     return bundle_dir
 
 

@@ -17,17 +17,18 @@ import json
 import os
 import tarfile
 import tempfile
+import re
 import time
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from . import __version__
 from .bundle_manifest import BundleManifest
 from .errors import BundleError, InputError
-from .manifest import MANIFEST, atomic_directory, read_manifest
+from .manifest import MANIFEST, PACKAGE, atomic_directory, check_entry, is_confined, sha256_file
 
-PACKAGE = "PACKAGE.json"
 PACKAGE_KIND = "qwen2edge-device-bundle"
 REQUIREMENTS = "requirements-device.txt"
 README = "README-device.md"
@@ -36,6 +37,7 @@ RUNTIME_REQUIREMENTS = ("numpy>=1.24", "onnxruntime>=1.18", "tokenizers>=0.19", 
 # = pyproject's `tensorrt` extra (tested); TensorRT itself comes from JetPack or a tensorrt-cu12/-cu13 extra.
 TENSORRT_REQUIREMENTS = ("polygraphy>=0.53.4",)
 _CHUNK = 1 << 20
+_WHEEL = re.compile(r"wheels/qwen2edge-[^/]+-py3-none-any\.whl")  # any qwen2edge version's runtime wheel
 
 Progress = Callable[[str], None]
 
@@ -113,11 +115,15 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def pack_bundle(bundle_dir: str | Path, out_file: str | Path, progress: Progress = lambda _m: None) -> dict[str, Any]:
-    """Pack an export directory into a device .tar.gz (atomic); returns PACKAGE.json's body."""
+def pack_bundle(bundle_dir: str | Path, out_file: str | Path, progress: Progress = lambda _m: None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Pack an export directory into a device .tar.gz (atomic); returns PACKAGE.json's body. Only the files
+    the bundle's manifest lists are packed, and it lists only paths inside the bundle (BundleManifest)."""
     bundle_dir, out_file = Path(bundle_dir), Path(out_file)
     if not str(out_file).endswith((".tar.gz", ".tgz")):
         raise InputError(f"{out_file} should end in .tar.gz: pass e.g. -o model.tar.gz")
+    if out_file.exists() and not overwrite:
+        raise InputError(f"{out_file} already exists: pass {{opt:overwrite}} to replace it, or another {{opt:output}}")
     progress(f"[1/3] verifying {bundle_dir} against its manifest")
     manifest = BundleManifest.read(bundle_dir)
     members: dict[str, Path | bytes] = {MANIFEST: bundle_dir / MANIFEST}
@@ -132,8 +138,6 @@ def pack_bundle(bundle_dir: str | Path, out_file: str | Path, progress: Progress
             if isinstance(src, bytes):
                 table[rel] = {"sha256": _sha256_bytes(src), "bytes": len(src)}
             else:
-                from .manifest import sha256_file
-
                 table[rel] = {"sha256": sha256_file(src), "bytes": src.stat().st_size}
         package = {"kind": PACKAGE_KIND, "qwen2edge_version": __version__, "created": int(time.time()),
                    "files": table}
@@ -170,31 +174,30 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def safe_member_path(name: str) -> PurePosixPath:
     """The member's relative path, or BundleError if it could escape the output directory."""
-    if not name or "\\" in name or "\x00" in name:
-        raise BundleError(f"archive member {name!r} has an unsafe name: refusing to unpack; re-create the archive "
-                          "with `qwen2edge bundle`")
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].endswith(":")):
-        raise BundleError(f"archive member {name!r} points outside the output directory: refusing to unpack; "
-                          "re-create the archive with `qwen2edge bundle`")
-    return p
+    if not is_confined(name.rstrip("/") if name.endswith("/") and len(name) > 1 else name):
+        raise BundleError(f"archive member {name!r} has an unsafe name or points outside the output directory: "
+                          "refusing to unpack; re-create the archive with `qwen2edge bundle`")
+    return PurePosixPath(name)
 
 
-def unpack_bundle(archive: str | Path, out_dir: str | Path, progress: Progress = lambda _m: None) -> dict[str, Any]:
-    """Verify and unpack a device bundle into out_dir (atomic); returns PACKAGE.json's body."""
+def unpack_bundle(archive: str | Path, out_dir: str | Path, progress: Progress = lambda _m: None,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """Verify and unpack a device bundle into out_dir (atomic); returns PACKAGE.json's body. Every member
+    must be one of the bundle's manifest-listed files or the packaging files `pack_bundle` adds."""
     archive, out_dir = Path(archive), Path(out_dir)
     if not archive.is_file():
         raise InputError(f"{archive} does not exist: pass a file written by `qwen2edge bundle`")
     try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise BundleError(f"{archive} is not a readable .tar.gz ({exc}): re-copy it or re-run `qwen2edge bundle`") from None
+        tar = tarfile.open(archive, "r:gz")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BundleError(f"{archive} is not a .tar.gz written by `qwen2edge bundle` ({_first_line(exc)}): re-copy "
+                          "it or re-run `qwen2edge bundle`") from None
     with tar:
         progress(f"[1/3] checking member names in {archive}")
         try:
             members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise BundleError(f"{archive} is truncated or corrupt ({exc}): re-copy it") from None
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            raise BundleError(f"{archive} is truncated or corrupt ({_first_line(exc)}): re-copy it") from None
         names: set[str] = set()
         for m in members:
             rel = safe_member_path(m.name)
@@ -208,8 +211,12 @@ def unpack_bundle(archive: str | Path, out_dir: str | Path, progress: Progress =
                 names.add(key)
         if PACKAGE not in names:
             raise BundleError(f"{archive} has no {PACKAGE}: it was not written by `qwen2edge bundle`")
-        package = json.loads(tar.extractfile(PACKAGE).read())  # type: ignore[union-attr]
-        listed = package.get("files", {})
+        package = _read_json_member(tar, PACKAGE, archive)
+        listed = package.get("files")
+        if not isinstance(listed, dict):
+            raise BundleError(f"{archive}'s {PACKAGE} lists no files: re-run `qwen2edge bundle`")
+        for rel, meta in listed.items():
+            check_entry(rel, meta, f"{archive}'s {PACKAGE}")
         extra = sorted(names - set(listed) - {PACKAGE})
         if extra:
             raise BundleError(f"{archive} holds {extra[0]!r}, which {PACKAGE} does not list: refusing to unpack")
@@ -217,8 +224,18 @@ def unpack_bundle(archive: str | Path, out_dir: str | Path, progress: Progress =
         if missing:
             raise BundleError(f"{archive} lacks {missing[0]!r} listed in {PACKAGE}: re-copy it or re-run "
                               "`qwen2edge bundle`")
+        if MANIFEST not in names:
+            raise BundleError(f"{archive} has no {MANIFEST}: it was not written by `qwen2edge bundle`")
+        # PACKAGE.json comes from the archive too: only the bundle's own manifest decides what may land
+        # beside the model (an unlisted member could be a planted .ort-cache graph, run unverified).
+        manifest = BundleManifest.from_dict(_read_json_member(tar, MANIFEST, archive), f"{archive}'s {MANIFEST}")
+        stray = sorted(n for n in names - set(manifest.files) - {PACKAGE, MANIFEST, REQUIREMENTS, README}
+                       if not _WHEEL.fullmatch(n))
+        if stray:
+            raise BundleError(f"{archive} holds {stray[0]!r}, which the bundle's {MANIFEST} does not list: refusing "
+                              "to unpack; re-create the archive with `qwen2edge bundle`")
         progress(f"[2/3] extracting {len(listed)} files with checksums")
-        with atomic_directory(out_dir) as tmp:
+        with atomic_directory(out_dir, overwrite, inputs=(archive,), progress=progress) as tmp:
             for m in members:
                 key = safe_member_path(m.name).as_posix()
                 if not m.isfile() or key == PACKAGE:
@@ -238,6 +255,22 @@ def unpack_bundle(archive: str | Path, out_dir: str | Path, progress: Progress =
                                       "archive")
             (tmp / PACKAGE).write_bytes(json.dumps(package, indent=2).encode())
             progress("[3/3] verifying the bundle manifest")
-            read_manifest(tmp)
+            BundleManifest.read(tmp)
     progress(f"done -> {out_dir}")
     return package
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_json_member(tar: tarfile.TarFile, name: str, archive: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(tar.extractfile(name).read())  # type: ignore[union-attr]
+    except (ValueError, tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise BundleError(f"{name} in {archive} is unreadable ({_first_line(exc)}): re-copy it or re-run "
+                          "`qwen2edge bundle`") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{name} in {archive} does not hold a JSON object: re-run `qwen2edge bundle`")
+    return data

@@ -1,11 +1,15 @@
 """Device bundles: round trip, checksum failure, unsafe archive members, and a torch-free install."""
 
+import gzip
+import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -143,8 +147,13 @@ def test_bad_inputs(tmp_path, tiny_bundle_factory):
     with pytest.raises(InputError, match=r"\.tar\.gz"):
         pack_bundle(bundle, tmp_path / "x.zip")
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tarball")
-    with pytest.raises(BundleError, match="not a readable"):
-        unpack_bundle(tmp_path / "junk.tar.gz", tmp_path / "o")
+    (tmp_path / "gzip.tar.gz").write_bytes(gzip.compress(b"a gzip file, but no tar inside"))
+    with zipfile.ZipFile(tmp_path / "zip.tar.gz", "w") as zf:
+        zf.writestr("manifest.json", "{}")
+    for junk in ("junk", "gzip", "zip"):  # once a five-line error listing every decompressor tried
+        with pytest.raises(BundleError, match=r"is not a \.tar\.gz written by `qwen2edge bundle`") as exc:
+            unpack_bundle(tmp_path / f"{junk}.tar.gz", tmp_path / "o")
+        assert "\n" not in str(exc.value)
     with pytest.raises(InputError, match="does not exist"):
         unpack_bundle(tmp_path / "nope.tar.gz", tmp_path / "o")
 
@@ -183,3 +192,54 @@ def test_torch_free_install_from_the_bundle_in_a_fresh_venv(packed, tmp_path):
                             "sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'onnx')))"],
                            env=env, cwd=tmp_path)
     assert check.returncode == 0, "the device venv must not contain torch, transformers or onnx"
+
+
+def test_members_the_bundle_manifest_does_not_list_are_refused(packed, tmp_path):
+    """PACKAGE.json comes with the archive, so it cannot vouch for extra members: a planted optimized-graph
+    cache listed there (checksums right) would otherwise be unpacked beside the model and run unverified."""
+    _, archive = packed
+    planted = ".ort-cache/0123456789abcdef-ort1.0-x86_64/model.optimized.onnx"
+    graph = b"another model's graph"
+
+    def edit(name, data):
+        if name != PACKAGE:
+            return data
+        package = json.loads(data)
+        package["files"][planted] = {"sha256": hashlib.sha256(graph).hexdigest(), "bytes": len(graph)}
+        return json.dumps(package).encode()
+
+    bad = _rewrite(archive, tmp_path / "planted.tar.gz", edit)
+    with_member = tmp_path / "with-member.tar.gz"
+    with tarfile.open(bad) as src, tarfile.open(with_member, "w:gz", compresslevel=1) as out:
+        for m in src.getmembers():
+            out.addfile(m, src.extractfile(m))
+        info = tarfile.TarInfo(planted)
+        info.size = len(graph)
+        out.addfile(info, io.BytesIO(graph))
+    out_dir = tmp_path / "out"
+    with pytest.raises(BundleError, match=f"holds '{planted}', which the bundle's manifest.json does not list"):
+        unpack_bundle(with_member, out_dir)
+    assert not out_dir.exists()
+
+
+def test_unbundle_output_rules(packed, tmp_path, monkeypatch):
+    """Never into a directory holding other files, never over the archive (`-o .`), and over an earlier
+    unbundle only with overwrite."""
+    _, archive = packed
+    local = tmp_path / "model.tar.gz"
+    shutil.copyfile(archive, local)
+    (tmp_path / "keep.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="contains the input model.tar.gz"):
+        unpack_bundle("model.tar.gz", ".", overwrite=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="holds notes.txt"):
+        unpack_bundle(local, mine, overwrite=True)
+    unpack_bundle(local, tmp_path / "out")
+    with pytest.raises(InputError, match="already holds a qwen2edge artifact: pass overwrite"):
+        unpack_bundle(local, tmp_path / "out")
+    unpack_bundle(local, tmp_path / "out", overwrite=True)
+    Bundle.open(tmp_path / "out")
+    assert local.is_file() and (tmp_path / "keep.txt").read_text() == "mine" and (mine / "notes.txt").is_file()

@@ -16,7 +16,7 @@ from .. import __version__, io_spec
 from ..config import LongContextOverrides, ModelConfig, load_hf_config, resolve_long_context
 from ..errors import ExportError, InputError
 from ..bundle_manifest import BundleManifest, LongContextRecord, QuantizationRecord
-from ..manifest import atomic_directory
+from ..manifest import atomic_directory, prepare_output
 from .quantize import QUANT_OPSET, TRACE_OPSET, QuantizeOptions, quantize_model
 
 DEFAULT_OPSET = 17  # parsed by TensorRT 10.3 (JetPack 6) and every later release
@@ -25,6 +25,10 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2  # leave head-room under protobuf's 2 GiB
+# The longest cache an export accepts: 4x Qwen2.5-1M's context. DCA has no rotary limit of its own, and
+# --max-seq-len 10**9 once ran an export into the OOM killer; no edge device holds a cache this long anyway.
+MAX_SEQ_LEN_LIMIT = 1 << 22
+TRACE_PAST_LEN = 5  # cache slots in the trace's sample inputs: past_len is a graph dimension, any size traces
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,11 @@ def resolve_max_seq_len(cfg: ModelConfig, requested: int | None) -> int:
 
     Plain RoPE: max_position_embeddings; YaRN: L0 * factor; DCA: any length (its rotary indices
     never exceed chunk_size, checked in config.resolve_long_context)."""
+    if requested is not None and requested > MAX_SEQ_LEN_LIMIT:
+        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * requested / 2**30
+        raise InputError(f"{{opt:max_seq_len}} {requested} is beyond qwen2edge's limit of {MAX_SEQ_LEN_LIMIT} tokens "
+                         f"(one sequence's fp16 KV cache alone would take {kv:,.0f} GiB): pass {{opt:max_seq_len}} "
+                         f"{MAX_SEQ_LEN_LIMIT} or less")
     if cfg.dual_chunk is not None:
         if requested is not None and requested <= 0:
             raise InputError(f"--max-seq-len must be positive, got {requested}: pass e.g. --max-seq-len 2048")
@@ -101,7 +110,10 @@ def sample_inputs(spec: io_spec.IOSpec, batch: int = 2, seq: int = 3) -> dict[st
     """Feeds of the right names/dtypes/shapes (batch and seq > 1 so the trace specializes neither)."""
     import torch
 
-    dims = {io_spec.BATCH: batch, io_spec.SEQ: seq, io_spec.N_LOGITS: 1, io_spec.PAST_LEN: spec.max_seq_len}
+    # Schema 2's past_len is a graph dimension: a short sample cache traces the same graph as a full one,
+    # without allocating max_seq_len slots per layer (a 1M-token export would need hundreds of GiB).
+    past = spec.max_seq_len if not spec.growable_cache else min(spec.max_seq_len, TRACE_PAST_LEN)
+    dims = {io_spec.BATCH: batch, io_spec.SEQ: seq, io_spec.N_LOGITS: 1, io_spec.PAST_LEN: past}
     feeds: dict[str, Any] = {}
     for t in spec.inputs:
         shape = t.concrete_shape(dims)
@@ -213,11 +225,18 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def copy_tokenizer(model_dir: Path, dest: Path) -> list[str]:
-    """Copy tokenizer and generation config files; tokenizer.json is required."""
+def check_tokenizer_source(model_dir: Path) -> None:
+    """The checkpoint's tokenizer files load and parse (a bad one is refused, not copied into the bundle)."""
     if not (model_dir / "tokenizer.json").is_file():
         raise InputError(f"{model_dir} has no tokenizer.json: copy the model's tokenizer.json (and "
                          "tokenizer_config.json) into that directory and export again")
+    from ..runtime.tokenizer import check_tokenizer_files
+
+    check_tokenizer_files(model_dir)
+
+
+def copy_tokenizer(model_dir: Path, dest: Path) -> list[str]:
+    """Copy tokenizer and generation config files (checked by check_tokenizer_source)."""
     copied = []
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
@@ -268,11 +287,15 @@ def graph_transform(cfg: ModelConfig, options: ExportOptions,
 
 
 def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions(),
-                  progress: Progress = _quiet, cfg_override: ModelConfig | None = None) -> BundleManifest:
-    """Export MODEL_DIR to an ONNX bundle in OUT_DIR (atomically); returns its manifest."""
+                  progress: Progress = _quiet, cfg_override: ModelConfig | None = None,
+                  overwrite: bool = False) -> BundleManifest:
+    """Export MODEL_DIR to an ONNX bundle in OUT_DIR (atomically); returns its manifest. OUT_DIR must be new,
+    empty, or (with `overwrite`) an earlier artifact, and never MODEL_DIR or a directory holding it."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     options.check()
     plan = plan_export(model_dir, options, cfg_override)
+    check_tokenizer_source(model_dir)
+    prepare_output(out_dir, overwrite, inputs=(model_dir,), progress=progress)  # before minutes of loading and tracing
     for note in plan.long_context.notes:
         progress(f"note: {note}")
     t0 = time.perf_counter()
@@ -281,7 +304,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     graph = build_graph(model_dir, plan.cfg, plan.max_seq_len, options.dtype, options.debug_hidden_states)
     # Blockwise DequantizeLinear needs opset 21; the tracer stops at 20, and 20 -> 21 only widened types.
     trace_opset, opset = (TRACE_OPSET, QUANT_OPSET) if options.quantize else (options.opset, options.opset)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite, inputs=(model_dir,), progress=progress) as tmp:
         copied = copy_tokenizer(model_dir, tmp)
         work = tmp / ".onnx-work"
         work.mkdir()

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .. import __version__
 from ..errors import BuildError, InputError
 from ..bundle_manifest import BundleManifest
-from ..manifest import atomic_directory, write_manifest
+from ..manifest import atomic_directory, prepare_output, write_manifest
 from .engine_manifest import ENGINE_DIR, PLAN_FILE, BuildPlan, engine_manifest, plan_build
 from .profiles import Profile, compute_profiles, resolve_limits
 from .tensorrt_env import check_cuda_match, import_tensorrt, tensorrt_wheels, trt_logger, wheel_cuda_majors
@@ -39,6 +39,7 @@ class EngineOptions:
     timing_cache: str | None = None
     opt_level: int | None = None
     tf32: bool = False  # let an fp32 build use TF32 (TensorRT's default; off here, see plan_build)
+    overwrite: bool = False  # replace an existing engine directory
 
 
 def check_options(options: EngineOptions) -> None:
@@ -60,6 +61,10 @@ def build_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(
     limits = resolve_limits(spec, options.max_batch, options.max_input_len, options.max_logits)
     profiles = compute_profiles(spec, limits)
     onnx_path = bundle_dir / manifest.model_file
+    # The engine directory is replaced whole: never over another engine without --overwrite, nor over the
+    # timing cache (an input).
+    inputs = (options.timing_cache,) if options.timing_cache else ()
+    prepare_output(bundle_dir / ENGINE_DIR, options.overwrite, inputs, option=None, progress=progress)
     trt = import_tensorrt()
     from .device import driver_cuda_version, gpu_info
 
@@ -69,7 +74,7 @@ def build_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(
     progress(f"      TensorRT {trt.__version__} on {gpu.name} (sm {gpu.compute_capability}); {plan.description}")
     for note in plan.notes:
         progress(f"      note: {note}")
-    with atomic_directory(bundle_dir / ENGINE_DIR) as tmp:
+    with atomic_directory(bundle_dir / ENGINE_DIR, options.overwrite, inputs=inputs, option=None) as tmp:
         serialized, cache_bytes = _trt_build(trt, onnx_path, plan, profiles, options, progress)
         size = write_buffer(tmp / PLAN_FILE, serialized)
         del serialized  # the plan's host copy is the largest allocation left: free it before the manifest

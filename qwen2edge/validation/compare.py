@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from ..manifest import prepare_output
 from .engine import Plan, run
 from .prompts import BUILTIN, Prompt
 from .results import ComparisonResult
@@ -23,7 +24,8 @@ def compare(model_dir: str | Path, bundle_dir: str | Path, backends: Sequence[st
 def compare_to_report(model_dir: str | Path, bundle_dir: str | Path, backends: Sequence[str] = ("ort",),
                       prompts_file: str | None = None, steps: int = 32, report_dir: str | Path | None = None,
                       thresholds: Sequence[str] = (), layers: bool = True, long_prompt_tokens: int = 0,
-                      progress: Callable[[str], None] = lambda s: None) -> tuple[ComparisonResult, Path]:
+                      progress: Callable[[str], None] = lambda s: None,
+                      overwrite: bool = False) -> tuple[ComparisonResult, Path]:
     """`qwen2edge compare`: run the comparison and write report.json/.md/.html; returns (result, report dir)."""
     from .prompts import load_prompts
     from .report import write_report
@@ -32,8 +34,10 @@ def compare_to_report(model_dir: str | Path, bundle_dir: str | Path, backends: S
     overrides = parse_overrides(thresholds)
     prompts = load_prompts(prompts_file) if prompts_file else BUILTIN
     out = Path(report_dir) if report_dir else Path.cwd() / f"compare-{Path(bundle_dir).absolute().name}"
+    inputs = [p for p in (model_dir, bundle_dir, prompts_file) if p]
+    prepare_output(out, overwrite, inputs, option="report", progress=progress)  # before minutes of comparing
     result = compare(model_dir, bundle_dir, backends=backends or ("ort",), prompts=prompts, steps=steps,
                      overrides=overrides, layers=layers, long_prompt_tokens=long_prompt_tokens, progress=progress)
-    write_report(result.to_dict(), out)
+    write_report(result.to_dict(), out, overwrite)
     progress(f"report: {out / 'report.html'} (also report.md, report.json)")
     return result, out

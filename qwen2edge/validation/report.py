@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..manifest import atomic_directory, write_json_atomic
+from ..manifest import atomic_directory, write_json_atomic, write_manifest
 from .report_html import bundle_kind, render_html
 
-REPORT_FILES = ("report.json", "report.md", "report.html")
+REPORT_KIND = "compare-report"
 
 
 def _f(x: float | None, fmt: str = ".2e") -> str:
@@ -93,17 +92,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write report.json, report.md and report.html into OUT_DIR (replaced as a whole)."""
+def write_report(report: dict[str, Any], out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write report.json, report.md, report.html and a manifest.json with their checksums into OUT_DIR
+    (replaced as a whole: only a new or empty directory, or an earlier report with `overwrite`)."""
     out_dir = Path(out_dir)
-    if out_dir.is_dir():
-        # The directory is replaced as a whole, so never take one holding anything but an older report.
-        other = sorted(p.name for p in out_dir.iterdir() if p.name not in REPORT_FILES)
-        if other:
-            raise InputError(f"--report {out_dir} already holds other files ({', '.join(other[:3])}): "
-                             "choose a new or empty directory for the report")
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite, option="report") as tmp:
         write_json_atomic(tmp / "report.json", report)
         (tmp / "report.md").write_text(render_markdown(report), encoding="utf-8")
         (tmp / "report.html").write_text(render_html(report), encoding="utf-8")
+        write_manifest(tmp, {"kind": REPORT_KIND})
     return out_dir

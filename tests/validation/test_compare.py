@@ -10,7 +10,8 @@ import pytest
 from qwen2edge.errors import InputError, ValidationError
 from qwen2edge.exporter.export import ExportOptions, export_bundle
 from qwen2edge.runtime.bundle import Bundle
-from qwen2edge.validation.compare import compare
+from qwen2edge.manifest import write_manifest
+from qwen2edge.validation.compare import compare, compare_to_report
 from qwen2edge.validation.prompts import BUILTIN
 from qwen2edge.validation.report import write_report
 from qwen2edge.validation.results import SCHEMA, SCHEMA_VERSION
@@ -48,7 +49,7 @@ def test_fp32_report_passes_with_tight_errors(fp32_report):
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     md = (out / "report.md").read_text()
     assert md.startswith("# qwen2edge compare: PASS") and "| ort | fp32 |" in md and "## Per-layer drift" in md
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "report.html", "report.json", "report.md"]
     # The shipped graph stays free of debug outputs; only the temporary re-export had them.
     assert not any(n.startswith("hidden_state.") for n in Bundle.open(report["bundle_dir"]).spec.output_names)
 
@@ -56,12 +57,17 @@ def test_fp32_report_passes_with_tight_errors(fp32_report):
 def test_report_never_replaces_a_directory_with_other_files(fp32_report, tmp_path):
     report, _ = fp32_report
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(InputError, match="already holds other files"):
-        write_report(report, tmp_path)
+    with pytest.raises(InputError, match="holds notes.txt, which no qwen2edge manifest there lists"):
+        write_report(report, tmp_path, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     write_report(report, tmp_path / "r")
-    write_report(report, tmp_path / "r")  # an older report is replaced
+    with pytest.raises(InputError, match="already holds a qwen2edge artifact: pass overwrite"):
+        write_report(report, tmp_path / "r")
+    write_report(report, tmp_path / "r", overwrite=True)  # an older report is replaced when asked
     assert (tmp_path / "r" / "report.html").is_file()
+    (tmp_path / "r" / "mine.txt").write_text("x")  # a file of the user's inside it: never replaced
+    with pytest.raises(InputError, match="mine.txt"):
+        write_report(report, tmp_path / "r", overwrite=True)
 
 
 def test_fp16_report_is_half_precision_and_passes_fp16_thresholds(tiny_bundle_factory):
@@ -184,3 +190,15 @@ def test_default_model_fp32_passes_its_thresholds(smollm2_dir, smollm2_bundle):
     (b,) = result.backends
     assert result.passed, result.failures
     assert b.summary["greedy_match"] == 16 and 1 < b.perplexity[0]["ppl_ref"] < 1000
+
+
+def test_the_report_directory_is_checked_before_comparing(tiny_bundle_factory, tmp_path):
+    """Its inputs are never the report directory, and an earlier report needs --overwrite: refused at once,
+    not after minutes of comparing."""
+    model, bundle = tiny_bundle_factory("gqa")
+    with pytest.raises(InputError, match="is the input"):
+        compare_to_report(model, bundle, report_dir=bundle, overwrite=True)
+    (tmp_path / "r").mkdir()
+    write_manifest(tmp_path / "r", {"kind": "compare-report"})
+    proc = run_cli("compare", str(model), str(bundle), "--report", str(tmp_path / "r"), "--no-layers")
+    assert_one_line_error(proc, InputError.exit_code, "already holds a qwen2edge artifact: pass --overwrite")
