@@ -4,15 +4,15 @@ Decode hot path (one token per row): inputs are bound where they live (the cache
 once per cache, never copied), and logits/present outputs go into buffers preallocated per cache,
 so a step allocates nothing sizeable. The optimized graph (fusions such as DequantizeLinear+MatMul
 -> MatMulNBits) is cached beside the bundle (`ORT_CACHE`), keyed by the model's digest, the ONNX
-Runtime version and the CPU architecture, so later loads skip the optimizer.
+Runtime version and the CPU architecture, so later loads skip the optimizer; a cache is loaded only when
+its signed record binds it to the verified model (ort_cache.py), else it is rebuilt.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import platform
 import shutil
-import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -25,13 +25,14 @@ from ..errors import InferenceError
 from ..io_spec import IOSpec
 from .backend import Backend, new_token_counts
 from .kv_cache import HostKVCache
+from .ort_cache import ORT_CACHE, OPTIMIZED_FILE, cache_problem, new_cache_dir, optimized_cache_dir, publish
+
+__all__ = ["ORT_CACHE", "OPTIMIZED_FILE", "OrtBackend", "optimized_cache_dir"]
 
 if TYPE_CHECKING:
     from .bundle import Bundle
 
-ORT_CACHE = ".ort-cache"  # optimized graphs, beside the bundle's files (not in its manifest)
-OPTIMIZED_FILE = "model.optimized.onnx"
-_COMPLETE = ".complete"
+log = logging.getLogger("qwen2edge.runtime")
 
 
 def default_threads() -> int:
@@ -40,14 +41,6 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def optimized_cache_dir(root: Path, model_sha256: str) -> Path:
-    """Where the optimized graph for this model, ONNX Runtime version and CPU architecture lives.
-    Optimized graphs can hold hardware-specific kernels, hence the architecture in the key."""
-    import onnxruntime as ort
-
-    return Path(root) / f"{model_sha256[:16]}-ort{ort.__version__}-{platform.machine()}"
 
 
 def release_freed_heap() -> None:
@@ -109,15 +102,19 @@ class OrtBackend(Backend):
         if (cache_optimized and digest and not kwargs.get("providers")
                 and kwargs.get("optimized_model_path") is None):
             kwargs.setdefault("optimized_cache", optimized_cache_dir(bundle.path / ORT_CACHE, digest))
+            kwargs.setdefault("model_digest", digest)
         return cls(bundle.path / bundle.manifest.model_file, bundle.spec, **kwargs)
 
     def __init__(self, model_path: str | Path, spec: IOSpec, threads: int | None = None,
                  providers: list[str] | None = None, optimized_model_path: str | Path | None = None,
-                 optimized_cache: str | Path | None = None, io_binding: bool = True, reopen: bool = True):
+                 optimized_cache: str | Path | None = None, io_binding: bool = True, reopen: bool = True,
+                 model_digest: str = ""):
         """optimized_cache: a directory (see optimized_cache_dir) to load the optimized graph from,
-        or to save it to on first load; unwritable locations are skipped silently. reopen: after
-        saving it, drop the optimizing session and load the saved graph instead (far less resident
-        memory for the life of the process; costs one more load, once)."""
+        or to save it to on first load; unwritable locations are skipped silently. It is loaded only if
+        its record binds it to `model_digest` (the verified model's, BundleManifest.model_digest), else it
+        is rebuilt (ort_cache.cache_problem). reopen: after saving it, drop the optimizing session and
+        load the saved graph instead (far less resident memory for the life of the process; costs one more
+        load, once)."""
         super().__init__(spec)
         if spec.kv_dtype == "bfloat16" and not providers:
             raise InferenceError("ONNX Runtime's CPU provider has no bfloat16 MatMul, so bf16 bundles run on "
@@ -129,20 +126,25 @@ class OrtBackend(Backend):
         self.providers = providers or ["CPUExecutionProvider"]
         self.io_binding = io_binding
         cached = Path(optimized_cache) / OPTIMIZED_FILE if optimized_cache else None
-        if cached is not None and (cached.parent / _COMPLETE).is_file():
+        problem = cache_problem(cached.parent, model_digest) if cached is not None else "no cache"
+        if problem is None:
             # Already optimized: basic-level passes only (they are idempotent and cheap).
             self.session = self._session(cached, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, None)
             self.optimized_from_cache = True
         else:
             self.optimized_from_cache = False
-            tmp = self._cache_tmp(cached) if cached is not None and not optimized_model_path else None
+            if cached is not None and cached.parent.exists():
+                log.warning("rebuilding the optimized-graph cache %s: %s", cached.parent, problem)
+                shutil.rmtree(cached.parent, ignore_errors=True)  # if it stays (read-only), it is still not loaded
+            tmp = new_cache_dir(cached.parent) if cached is not None and not optimized_model_path else None
             save = optimized_model_path or (tmp / OPTIMIZED_FILE if tmp else None)
+            published = False
             try:
                 self.session = self._session(Path(model_path), ort.GraphOptimizationLevel.ORT_ENABLE_ALL, save)
             finally:
                 if tmp is not None:
-                    self._publish(tmp, cached.parent)
-            if reopen and tmp is not None and (cached.parent / _COMPLETE).is_file():
+                    published = publish(tmp, cached.parent, model_digest)
+            if reopen and published:
                 # The session that optimized and serialized the graph stays ~1.4 GiB larger than one
                 # loaded from its output (0.5B fp32: 3903 vs 2520 MiB resident): replace it.
                 del self.session
@@ -170,26 +172,6 @@ class OrtBackend(Backend):
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise InferenceError(f"ONNX Runtime could not load {path} ({str(exc).splitlines()[0]}): "
                                  "re-export the bundle with this qwen2edge version") from exc
-
-    @staticmethod
-    def _cache_tmp(cached: Path) -> Path | None:
-        try:
-            cached.parent.parent.mkdir(parents=True, exist_ok=True)
-            return Path(tempfile.mkdtemp(prefix=".partial-", dir=cached.parent.parent))
-        except OSError:
-            return None  # read-only bundle: run without the cache
-
-    @staticmethod
-    def _publish(tmp: Path, final: Path) -> None:
-        """Rename the freshly written cache directory into place, or drop it (atomic either way)."""
-        try:
-            if (tmp / OPTIMIZED_FILE).is_file():
-                (tmp / _COMPLETE).write_text("ok\n")
-                os.replace(tmp, final)
-                return
-        except OSError:
-            pass  # another process published first, or the disk is read-only/full
-        shutil.rmtree(tmp, ignore_errors=True)
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
