@@ -37,6 +37,8 @@ class _State:
                                    metrics=self.metrics, in_flight=settings.batching == "in-flight",
                                    **decode_speedups(bundle, generator, settings))
         self.created = int(time.time())
+        # Longer text cannot fit the context whatever it encodes to: refused by its size, never tokenized.
+        self.max_prompt_chars = self.tokenizer.max_text_chars(bundle.max_seq_len)
 
     def check_auth(self, request: Request) -> None:
         key = self.settings.api_key
@@ -99,17 +101,25 @@ def _lifespan(state: _State, on_ready: Callable[[], None] | None) -> Callable[[F
     return lifespan
 
 
+class _ErrorJSON(JSONResponse):
+    """An error body may quote what the client sent, lone surrogates included: those leave as JSON's
+    \\uXXXX escapes instead of failing to encode (which turned a 404 into a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error leaves as OpenAI's error body."""
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return _ErrorJSON(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
-        return JSONResponse(err.body(), status_code=exc.status_code)
+        return _ErrorJSON(err.body(), status_code=exc.status_code)
 
     @app.exception_handler(ClientGone)
     async def _gone(_request: Request, _exc: ClientGone) -> Response:
@@ -119,7 +129,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _bug(_request: Request, exc: Exception) -> JSONResponse:
         logging.getLogger("qwen2edge.serve").error("unhandled error", exc_info=exc)
         err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
-        return JSONResponse(err.body(), status_code=500)
+        return _ErrorJSON(err.body(), status_code=500)
 
 
 def _add_status_routes(app: FastAPI, state: _State) -> None:

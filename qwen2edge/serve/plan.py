@@ -91,8 +91,7 @@ async def chat_plan(state: Any, req: ChatRequest) -> Plan:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     text = tools.render(state.tokenizer, req)
-    # Off the event loop: a long prompt must not stall the other clients' streams.
-    ids = await anyio.to_thread.run_sync(state.tokenizer.encode, text)
+    ids = await encode(state, text, "messages")
     forced = tools.forced_grammar(req)
     grammar = await _grammar(state, req, forced)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -182,7 +181,7 @@ async def _grammar(state: Any, req: Union[ChatRequest, CompletionRequest], force
 async def _prompt_ids(state: Any, prompt: Union[str, list[int]]) -> tuple[list[int], str]:
     """Token ids and text of one completion prompt (text is tokenized off the event loop)."""
     if isinstance(prompt, str):
-        ids, text = await anyio.to_thread.run_sync(state.tokenizer.encode, prompt), prompt
+        ids, text = await encode(state, prompt, "prompt"), prompt
     else:
         vocab = state.bundle.config.vocab_size
         bad = [i for i in prompt if not 0 <= i < vocab]
@@ -192,6 +191,22 @@ async def _prompt_ids(state: Any, prompt: Union[str, list[int]]) -> tuple[list[i
     if not ids:
         raise APIError(400, "prompt encodes to no tokens: give some text", param="prompt")
     return ids, text
+
+
+async def encode(state: Any, text: str, param: str) -> list[int]:
+    """Token ids, off the event loop (long texts release the GIL too, see BundleTokenizer.encode). Text that
+    cannot fit the context is refused by its length first: tokenizing a 7 MiB prompt held the GIL for
+    seconds and stalled every other client. Text that is not valid Unicode is a 400."""
+    if len(text) > state.max_prompt_chars:
+        raise APIError(400, f"This model's maximum context length is {state.bundle.max_seq_len} tokens, and no text "
+                       f"longer than {state.max_prompt_chars} characters fits in it; the {param} has {len(text)} "
+                       f"characters. Please reduce the length of the {param}.", param=param,
+                       code="context_length_exceeded")
+    try:
+        return await anyio.to_thread.run_sync(state.tokenizer.encode, text)
+    except InputError as exc:  # a lone surrogate
+        raise APIError(400, exc.render(field_spelling({**HTTP_FIELDS, "prompt": param})), param=param,
+                       code="invalid_value") from None
 
 
 def _check_room(state: Any, plan: Plan) -> None:

@@ -152,6 +152,15 @@ class Scheduler:
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel whatever still waits or runs and join the workers (the HTTP layer drains first)."""
+        self.abort()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    def abort(self) -> None:
+        """Take no new jobs and cancel what waits or runs, without waiting: every job ends with an error
+        (waiting ones) or as cancelled (running rows, at their next step)."""
         with self._cond:
             self._closing = self._abort = True
             for job in self._pending:
@@ -160,10 +169,6 @@ class Scheduler:
             self._pending.clear()
             self.metrics.queue_depth.set(0)
             self._cond.notify_all()
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            if t.is_alive():
-                t.join(max(0.0, deadline - time.monotonic()))
 
     # ---- worker side ---------------------------------------------------------------------------
 

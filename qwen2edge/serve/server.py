@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import InputError
 from ..runtime.bundle import Bundle
 from .app import create_app
 from .settings import ServeSettings
+
+# After --shutdown-timeout the generations still running are cancelled; this long is left for their
+# 503 bodies and final error events to go out before uvicorn closes what is left.
+SHUTDOWN_GRACE_S = 5.0
 
 
 class _Server:
@@ -19,12 +24,23 @@ class _Server:
 
     Stock uvicorn re-raises the signal after shutting down, so the process would die of it (exit
     130/143); a supervisor should see a clean exit 0 after a requested, completed drain.
+
+    When the drain takes longer than `drain_s`, `on_deadline` cancels the generations (each request then
+    ends with an OpenAI error); uvicorn's own timeout, SHUTDOWN_GRACE_S later, would otherwise cut streams
+    without an error event and answer plain-text 500s.
     """
 
-    def __new__(cls, config):  # subclass lazily so importing this module does not need uvicorn
-        import uvicorn
+    def __new__(cls, config: Any, drain_s: float, on_deadline: Callable[[], None]):
+        import uvicorn  # subclassed lazily so importing this module does not need uvicorn
 
         class Server(uvicorn.Server):
+            async def shutdown(self, sockets: Any = None) -> None:
+                timer = asyncio.get_running_loop().call_later(drain_s, on_deadline)
+                try:
+                    await super().shutdown(sockets)
+                finally:
+                    timer.cancel()
+
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:
                 if threading.current_thread() is not threading.main_thread():
@@ -69,12 +85,11 @@ def serve(bundle_dir: str | Path, settings: ServeSettings = ServeSettings(),
     _check_port(settings.host, settings.port)  # before loading the model, and as one line rather than uvicorn's exit
     bundle = Bundle.open(bundle_dir)
     generator = bundle.generator(settings.backend)
-    settings = settings.replace(model_name=settings.model_name or Path(bundle_dir).resolve().name,
-                                api_key=settings.api_key or None)
+    settings = settings.replace(model_name=settings.model_name or Path(bundle_dir).resolve().name)
     app = create_app(bundle, generator, settings, on_ready=lambda: progress(_banner(app.state.qwen2edge, settings)))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=settings.shutdown_timeout, lifespan="on")
-    _Server(config).run()
+                            timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_GRACE_S, lifespan="on")
+    _Server(config, settings.shutdown_timeout, app.state.qwen2edge.scheduler.abort).run()
     progress("server stopped")
 
 

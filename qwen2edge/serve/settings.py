@@ -42,6 +42,9 @@ class ServeSettings:
         if self.shutdown_timeout < 0:
             raise InputError(f"{{opt:shutdown_timeout}} must be >= 0, got {self.shutdown_timeout}: pass seconds to "
                              "drain")
+        if self.api_key is not None and not self.api_key.strip():
+            raise InputError("{opt:api_key} is empty, which would serve without authentication: pass a non-empty key, "
+                             "or leave {opt:api_key} out to serve without one")
         if not self.host:
             raise InputError("{opt:host} is empty: pass 127.0.0.1 (local only) or 0.0.0.0 (all interfaces)")
         if self.batching not in BATCHING:

@@ -26,6 +26,8 @@ def test_serve_refuses_a_busy_port_in_one_line(tiny_bundle_factory):
     (["--max-batch", "0"], "--max-batch must be >= 1"),
     (["--max-concurrency", "0"], "--max-concurrency must be >= 1"),
     (["--port", "70000"], "--port must be in 0..65535"),
+    (["--api-key", ""], "--api-key is empty"),  # once served without authentication, silently
+    (["--api-key", "  "], "--api-key is empty"),
 ])
 def test_serve_bad_options(args, needle, tiny_bundle_factory):
     _, bundle = tiny_bundle_factory("gqa")
