@@ -1,6 +1,7 @@
 """Checkpoints as they come: sharded safetensors with an index, and bf16 / fp16 weights."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ def test_missing_shard_is_named(tiny_model_factory, tmp_path):
         sharded, max_shard_size="20MB")
     shard = sorted(sharded.glob("model-*.safetensors"))[-1]
     shard.unlink()
+    shutil.copyfile(tiny_model_factory("gqa") / "tokenizer.json", sharded / "tokenizer.json")  # checked first
     with pytest.raises(InputError, match=shard.name):
         export_bundle(sharded, tmp_path / "out", ExportOptions(max_seq_len=32))
     assert not (tmp_path / "out").exists()
