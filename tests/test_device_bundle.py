@@ -74,15 +74,16 @@ def test_round_trip(packed, tmp_path):
     assert opened.spec.input_names == Bundle.open(bundle).spec.input_names
 
 
-def _rewrite(archive: Path, dest: Path, edit) -> Path:
-    """Copy `archive` member by member, letting `edit(name, data)` change data or return None to drop it."""
+def _rewrite(archive: Path, dest: Path, edit, extra: dict[str, bytes] | None = None) -> Path:
+    """Copy `archive` member by member, letting `edit(name, data)` change data or return None to drop it;
+    `extra` members are appended."""
     with tarfile.open(archive) as src, tarfile.open(dest, "w:gz", compresslevel=1) as out:
-        for m in src.getmembers():
-            data = src.extractfile(m).read()
-            data = edit(m.name, data)
+        members = [(m.name, src.extractfile(m).read()) for m in src.getmembers()]
+        for name, data in [*members, *(extra or {}).items()]:
+            data = edit(name, data)
             if data is None:
                 continue
-            info = tarfile.TarInfo(m.name)
+            info = tarfile.TarInfo(name)
             info.size = len(data)
             out.addfile(info, io.BytesIO(data))
     return dest
@@ -208,14 +209,7 @@ def test_members_the_bundle_manifest_does_not_list_are_refused(packed, tmp_path)
         package["files"][planted] = {"sha256": hashlib.sha256(graph).hexdigest(), "bytes": len(graph)}
         return json.dumps(package).encode()
 
-    bad = _rewrite(archive, tmp_path / "planted.tar.gz", edit)
-    with_member = tmp_path / "with-member.tar.gz"
-    with tarfile.open(bad) as src, tarfile.open(with_member, "w:gz", compresslevel=1) as out:
-        for m in src.getmembers():
-            out.addfile(m, src.extractfile(m))
-        info = tarfile.TarInfo(planted)
-        info.size = len(graph)
-        out.addfile(info, io.BytesIO(graph))
+    with_member = _rewrite(archive, tmp_path / "planted.tar.gz", edit, extra={planted: graph})
     out_dir = tmp_path / "out"
     with pytest.raises(BundleError, match=f"holds '{planted}', which the bundle's manifest.json does not list"):
         unpack_bundle(with_member, out_dir)

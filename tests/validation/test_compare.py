@@ -130,7 +130,7 @@ def test_cli_prompts_file_threshold_override_and_exit_code(tiny_bundle_factory, 
     assert report["threshold_overrides"] == {"max_abs": 1e-12} and report["layers"] is None
     assert [p["id"] for p in report["prompts"]] == ["hi", "t"] and not report["passed"]
     ok = run_cli("compare", str(model), str(bundle), "--prompts", str(prompts), "--steps", "2", "--no-layers",
-                 "--report", str(out))
+                 "--report", str(out), "--overwrite")  # the failed run's report is replaced only when asked
     assert ok.returncode == 0, ok.stderr
     assert "PASS" in ok.stdout and json.loads((out / "report.json").read_text())["passed"]
 
