@@ -384,11 +384,12 @@ def serve(bundle_dir: str, **settings: Any) -> None:
                    "none (qwen2edge installed in Triton's Python). [default: this environment's site-packages]")
 @click.option("--copy-bundle", is_flag=True, help="Copy the bundle into the repository (self-contained, e.g. "
               "for object storage) instead of recording its path.")
-def triton_repo(bundle_dir: str, out_dir: str, **options: Any) -> None:
+@overwrite_option
+def triton_repo(bundle_dir: str, out_dir: str, overwrite: bool, **options: Any) -> None:
     """Write a Triton Inference Server model repository serving BUNDLE_DIR (see docs/triton.md)."""
     from .triton.repo import RepoOptions, write_triton_repo
 
-    write_triton_repo(bundle_dir, out_dir, RepoOptions(**options), progress=progress)
+    write_triton_repo(bundle_dir, out_dir, RepoOptions(**options), progress=progress, overwrite=overwrite)
 
 
 @main.command()

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from . import __version__
-from .bundle_manifest import BundleManifest
+from .bundle_manifest import BUNDLE_KIND, BundleManifest
 from .errors import BundleError, InputError
 from .manifest import MANIFEST, PACKAGE, atomic_directory, check_entry, is_confined, sha256_file
 
@@ -235,7 +235,7 @@ def unpack_bundle(archive: str | Path, out_dir: str | Path, progress: Progress =
             raise BundleError(f"{archive} holds {stray[0]!r}, which the bundle's {MANIFEST} does not list: refusing "
                               "to unpack; re-create the archive with `qwen2edge bundle`")
         progress(f"[2/3] extracting {len(listed)} files with checksums")
-        with atomic_directory(out_dir, overwrite, inputs=(archive,), progress=progress) as tmp:
+        with atomic_directory(out_dir, overwrite, inputs=(archive,), progress=progress, kind=BUNDLE_KIND) as tmp:
             for m in members:
                 key = safe_member_path(m.name).as_posix()
                 if not m.isfile() or key == PACKAGE:

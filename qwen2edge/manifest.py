@@ -164,9 +164,10 @@ def first_foreign(root: Path) -> str | None:
 
 
 def check_output(final: Path, overwrite: bool = False, inputs: Iterable[str | Path] = (),
-                 option: str | None = "output") -> None:
+                 option: str | None = "output", kind: str | None = None) -> None:
     """Refuse an output directory that is (or contains) an input, holds anything qwen2edge did not write,
-    or holds an artifact when `overwrite` is off. `option` names the output's option in messages."""
+    holds another kind of artifact than `kind` (the manifest's "kind"), or holds an artifact when
+    `overwrite` is off. `option` names the output's option in messages."""
     other = f"pass another {{opt:{option}}}" if option else "move it away first"
     resolved = final.resolve()
     for given in inputs:
@@ -182,6 +183,11 @@ def check_output(final: Path, overwrite: bool = False, inputs: Iterable[str | Pa
     if foreign is not None:
         raise InputError(f"{final} holds {foreign}, which no qwen2edge manifest there lists, so the directory is "
                          f"never replaced: {other}, or move that out")
+    if kind is not None:
+        found = json.loads((final / MANIFEST).read_text(encoding="utf-8")).get("kind")  # parsed by first_foreign
+        if found != kind:
+            raise InputError(f"{final} holds a qwen2edge {found or 'artifact'} output, not a {kind}, so it is never "
+                             f"replaced by this command: {other}")
     if not overwrite:
         raise InputError(f"{final} already holds a qwen2edge artifact: pass {{opt:overwrite}} to replace it"
                          + (f", or another {{opt:{option}}}" if option else ""))
@@ -210,8 +216,8 @@ def recover_interrupted(final: Path) -> list[str]:
     found = [(m.group(2), p) for p in final.parent.iterdir()
              if (m := pattern.fullmatch(p.name)) and not pid_alive(int(m.group(1)))]
     done = []
-    for kind, p in sorted(found, key=lambda kp: kp[0] != "old"):  # restore before removing
-        if kind == "old" and not final.exists() and not final.is_symlink():
+    for what, p in sorted(found, key=lambda kp: kp[0] != "old"):  # restore before removing
+        if what == "old" and not final.exists() and not final.is_symlink():
             os.replace(p, final)
             done.append(f"restored {final} from an interrupted replace")
         else:
@@ -221,7 +227,7 @@ def recover_interrupted(final: Path) -> list[str]:
 
 
 def prepare_output(final: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = (),
-                   option: str | None = "output", progress: Any = None) -> Path:
+                   option: str | None = "output", progress: Any = None, kind: str | None = None) -> Path:
     """Make `final`'s parent, clean up after a killed run there (recover_interrupted), and check_output;
     returns `final` made absolute. Commands call it before slow work; atomic_directory calls it too."""
     final = Path(final).absolute()
@@ -232,27 +238,27 @@ def prepare_output(final: str | Path, overwrite: bool = False, inputs: Iterable[
                 progress(line)
     except OSError as exc:
         raise InputError(f"cannot write to {final.parent} ({exc.strerror}): pass an output path you can write") from None
-    check_output(final, overwrite, inputs, option)
+    check_output(final, overwrite, inputs, option, kind)
     return final
 
 
 @contextlib.contextmanager
 def atomic_directory(final: str | Path, overwrite: bool = False, *, inputs: Iterable[str | Path] = (),
-                     option: str | None = "output", progress: Any = None) -> Iterator[Path]:
+                     option: str | None = "output", progress: Any = None, kind: str | None = None) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on success it replaces `final`, on any error or interrupt
     it is removed, so no half-written artifact directory is ever left under the final name.
 
-    `final` must pass check_output (never an input, never foreign files, an artifact only with
+    `final` must pass check_output (never an input, never foreign files, an artifact of `kind` only with
     `overwrite`); what a killed run left beside it is cleaned up first (prepare_output)."""
     inputs = tuple(inputs)
-    final = prepare_output(final, overwrite, inputs, option, progress)
+    final = prepare_output(final, overwrite, inputs, option, progress, kind)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     except OSError as exc:
         raise InputError(f"cannot write to {final.parent} ({exc.strerror}): pass an output path you can write") from None
     try:
         yield tmp
-        check_output(final, overwrite, inputs, option)  # again: minutes may have passed
+        check_output(final, overwrite, inputs, option, kind)  # again: minutes may have passed
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.{os.getpid()}.old")

@@ -101,7 +101,10 @@ def test_an_artifact_is_replaced_only_with_overwrite_and_only_if_untouched(tmp_p
         with atomic_directory(final, overwrite=True):
             pass
     (final / "notes.txt").unlink()
-    with atomic_directory(final, overwrite=True) as tmp:
+    with pytest.raises(InputError, match="holds a qwen2edge test output, not a onnx-bundle"):
+        with atomic_directory(final, overwrite=True, kind="onnx-bundle"):  # e.g. export over a compare report
+            pass
+    with atomic_directory(final, overwrite=True, kind="test") as tmp:
         _artifact(tmp, "2")
     assert (final / "v").read_text() == "2"
 

@@ -15,7 +15,7 @@ import numpy as np
 from .. import __version__, io_spec
 from ..config import LongContextOverrides, ModelConfig, load_hf_config, resolve_long_context
 from ..errors import ExportError, InputError
-from ..bundle_manifest import BundleManifest, LongContextRecord, QuantizationRecord
+from ..bundle_manifest import BUNDLE_KIND, BundleManifest, LongContextRecord, QuantizationRecord
 from ..manifest import atomic_directory, prepare_output
 from .quantize import QUANT_OPSET, TRACE_OPSET, QuantizeOptions, quantize_model
 
@@ -295,7 +295,8 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     options.check()
     plan = plan_export(model_dir, options, cfg_override)
     check_tokenizer_source(model_dir)
-    prepare_output(out_dir, overwrite, inputs=(model_dir,), progress=progress)  # before minutes of loading and tracing
+    # Before minutes of loading and tracing:
+    prepare_output(out_dir, overwrite, inputs=(model_dir,), progress=progress, kind=BUNDLE_KIND)
     for note in plan.long_context.notes:
         progress(f"note: {note}")
     t0 = time.perf_counter()
@@ -304,7 +305,7 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     graph = build_graph(model_dir, plan.cfg, plan.max_seq_len, options.dtype, options.debug_hidden_states)
     # Blockwise DequantizeLinear needs opset 21; the tracer stops at 20, and 20 -> 21 only widened types.
     trace_opset, opset = (TRACE_OPSET, QUANT_OPSET) if options.quantize else (options.opset, options.opset)
-    with atomic_directory(out_dir, overwrite, inputs=(model_dir,), progress=progress) as tmp:
+    with atomic_directory(out_dir, overwrite, inputs=(model_dir,), progress=progress, kind=BUNDLE_KIND) as tmp:
         copied = copy_tokenizer(model_dir, tmp)
         work = tmp / ".onnx-work"
         work.mkdir()

@@ -5,8 +5,8 @@
     REPO/NAME/1/model.py        a copy of qwen2edge/triton/model.py
     REPO/NAME/1/bundle/         the bundle itself, with --copy-bundle (else the config names its path)
 
-The repository is written atomically, and only ever replaces an empty directory or a repository
-this command wrote (nothing else in it): never a directory holding anything else.
+The repository is written atomically (manifest.atomic_directory): into a new or empty directory, or
+over a repository this command wrote with --overwrite, never over anything else or the bundle.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import InputError
-from ..manifest import MANIFEST, atomic_directory, read_manifest, write_manifest
+from ..manifest import MANIFEST, atomic_directory, prepare_output, read_manifest, write_manifest
 from ..runtime.bundle import Bundle
 from ..trt.engine_manifest import ENGINE_DIR
 from .config import ModelSettings, render_config
@@ -30,8 +30,6 @@ REPO_KIND = "qwen2edge-triton-repo"
 VERSION = "1"
 MODEL_FILE = "model.py"
 BUNDLE_COPY = "bundle"
-# Written beside the repository's files at run time, so not listed in its manifest.
-RUNTIME_DIRS = ("__pycache__", ".ort-cache")
 DEFAULT_MAX_BATCH = 8  # ONNX Runtime, as `qwen2edge serve`
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -70,18 +68,18 @@ def default_python_path() -> str:
 
 
 def write_triton_repo(bundle_dir: str | Path, out_dir: str | Path, options: RepoOptions = RepoOptions(),
-                      progress: Progress = lambda _msg: None) -> Path:
+                      progress: Progress = lambda _msg: None, overwrite: bool = False) -> Path:
     """Write the model repository for `bundle_dir` to `out_dir`; returns the model's directory."""
     out = Path(out_dir)
     progress(f"[1/3] checking {bundle_dir} (checksums)")
     bundle = Bundle.open(bundle_dir)  # refuses a bundle that fails its manifest
     max_batch = _max_batch(bundle, options)
-    _check_replaceable(out)
+    prepare_output(out, overwrite, inputs=(bundle_dir,), progress=progress, kind=REPO_KIND)
     settings = ModelSettings(bundle=BUNDLE_COPY if options.copy_bundle else str(bundle.path.resolve()),
                              backend=options.backend, max_batch=max_batch, threads=options.threads,
                              streaming=options.streaming)
     python_path = default_python_path() if options.python_path is None else options.python_path
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite, inputs=(bundle_dir,), kind=REPO_KIND) as tmp:
         version_dir = tmp / options.name / VERSION
         version_dir.mkdir(parents=True)
         (tmp / options.name / "config.pbtxt").write_text(
@@ -112,29 +110,6 @@ def _max_batch(bundle: Bundle, options: RepoOptions) -> int:
         raise InputError(f"{{opt:max_batch}} {options.max_batch} exceeds the engine's max batch {engine_max}: use "
                          f"{engine_max} or rebuild the engine with a larger {{opt:max_batch}}")
     return engine_max if options.max_batch is None else options.max_batch
-
-
-def _check_replaceable(out: Path) -> None:
-    """Refuse to replace anything but an empty directory or an untouched repository of ours."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory: choose another {{opt:output}}")
-    if not any(out.iterdir()):
-        return
-    try:
-        manifest = read_manifest(out, verify=False)
-    except InputError:
-        manifest = {}
-    if manifest.get("kind") != REPO_KIND:
-        raise InputError(f"{out} is not empty and was not written by `qwen2edge triton-repo`: choose an empty "
-                         "or new directory for {opt:output}")
-    listed = set(manifest.get("files", {})) | {MANIFEST}
-    for p in sorted(out.rglob("*")):
-        rel = p.relative_to(out)
-        if p.is_file() and rel.as_posix() not in listed and not set(rel.parts) & set(RUNTIME_DIRS):
-            raise InputError(f"{out} holds {rel.as_posix()}, which `qwen2edge triton-repo` did not write: move it "
-                             "out or choose another {opt:output} (the whole repository is replaced)")
 
 
 def _copy_bundle(bundle: Bundle, dest: Path, with_engine: bool) -> None:

@@ -20,7 +20,7 @@ from .. import __version__
 from ..errors import BuildError, InputError
 from ..bundle_manifest import BundleManifest
 from ..manifest import atomic_directory, prepare_output, write_manifest
-from .engine_manifest import ENGINE_DIR, PLAN_FILE, BuildPlan, engine_manifest, plan_build
+from .engine_manifest import ENGINE_DIR, ENGINE_KIND, PLAN_FILE, BuildPlan, engine_manifest, plan_build
 from .profiles import Profile, compute_profiles, resolve_limits
 from .tensorrt_env import check_cuda_match, import_tensorrt, tensorrt_wheels, trt_logger, wheel_cuda_majors
 
@@ -64,7 +64,8 @@ def build_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(
     # The engine directory is replaced whole: never over another engine without --overwrite, nor over the
     # timing cache (an input).
     inputs = (options.timing_cache,) if options.timing_cache else ()
-    prepare_output(bundle_dir / ENGINE_DIR, options.overwrite, inputs, option=None, progress=progress)
+    prepare_output(bundle_dir / ENGINE_DIR, options.overwrite, inputs, option=None, progress=progress,
+                   kind=ENGINE_KIND)
     trt = import_tensorrt()
     from .device import driver_cuda_version, gpu_info
 
@@ -74,7 +75,8 @@ def build_engine(bundle_dir: str | Path, options: EngineOptions = EngineOptions(
     progress(f"      TensorRT {trt.__version__} on {gpu.name} (sm {gpu.compute_capability}); {plan.description}")
     for note in plan.notes:
         progress(f"      note: {note}")
-    with atomic_directory(bundle_dir / ENGINE_DIR, options.overwrite, inputs=inputs, option=None) as tmp:
+    with atomic_directory(bundle_dir / ENGINE_DIR, options.overwrite, inputs=inputs, option=None,
+                          kind=ENGINE_KIND) as tmp:
         serialized, cache_bytes = _trt_build(trt, onnx_path, plan, profiles, options, progress)
         size = write_buffer(tmp / PLAN_FILE, serialized)
         del serialized  # the plan's host copy is the largest allocation left: free it before the manifest

@@ -28,14 +28,14 @@ def compare_to_report(model_dir: str | Path, bundle_dir: str | Path, backends: S
                       overwrite: bool = False) -> tuple[ComparisonResult, Path]:
     """`qwen2edge compare`: run the comparison and write report.json/.md/.html; returns (result, report dir)."""
     from .prompts import load_prompts
-    from .report import write_report
+    from .report import REPORT_KIND, write_report
     from .thresholds import parse_overrides
 
     overrides = parse_overrides(thresholds)
     prompts = load_prompts(prompts_file) if prompts_file else BUILTIN
     out = Path(report_dir) if report_dir else Path.cwd() / f"compare-{Path(bundle_dir).absolute().name}"
     inputs = [p for p in (model_dir, bundle_dir, prompts_file) if p]
-    prepare_output(out, overwrite, inputs, option="report", progress=progress)  # before minutes of comparing
+    prepare_output(out, overwrite, inputs, option="report", progress=progress, kind=REPORT_KIND)  # before comparing
     result = compare(model_dir, bundle_dir, backends=backends or ("ort",), prompts=prompts, steps=steps,
                      overrides=overrides, layers=layers, long_prompt_tokens=long_prompt_tokens, progress=progress)
     write_report(result.to_dict(), out, overwrite)

@@ -96,7 +96,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, overwrite: bool = 
     """Write report.json, report.md, report.html and a manifest.json with their checksums into OUT_DIR
     (replaced as a whole: only a new or empty directory, or an earlier report with `overwrite`)."""
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, overwrite, option="report") as tmp:
+    with atomic_directory(out_dir, overwrite, option="report", kind=REPORT_KIND) as tmp:
         write_json_atomic(tmp / "report.json", report)
         (tmp / "report.md").write_text(render_markdown(report), encoding="utf-8")
         (tmp / "report.html").write_text(render_html(report), encoding="utf-8")

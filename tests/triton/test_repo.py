@@ -56,22 +56,29 @@ def test_rewrites_its_own_repository_but_nothing_else(tiny_bundle_factory, tmp_p
     repo = write_repo(bundle, tmp_path / "repo", "--instances", "1")
     (repo / "qwen2edge" / "1" / "__pycache__").mkdir()  # written by Triton at run time: fine
     (repo / "qwen2edge" / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"x")
-    write_repo(bundle, repo, "--instances", "2")
+    proc = run_cli("triton-repo", str(bundle), "-o", str(repo), "--instances", "2")
+    assert_one_line_error(proc, InputError.exit_code, "already holds a qwen2edge artifact: pass --overwrite")
+    write_repo(bundle, repo, "--instances", "2", "--overwrite")
     assert "count: 2" in (repo / "qwen2edge" / "config.pbtxt").read_text()
 
     (repo / "other_model").mkdir()  # someone added a model of their own: never delete it
     (repo / "other_model" / "config.pbtxt").write_text("name: 'other'\n")
-    proc = run_cli("triton-repo", str(bundle), "-o", str(repo))
-    assert_one_line_error(proc, InputError.exit_code, "holds other_model/config.pbtxt, which `qwen2edge triton-repo` "
-                                                      "did not write")
+    proc = run_cli("triton-repo", str(bundle), "-o", str(repo), "--overwrite")
+    assert_one_line_error(proc, InputError.exit_code, "holds other_model/config.pbtxt, which no qwen2edge manifest "
+                                                      "there lists")
     assert (repo / "other_model" / "config.pbtxt").is_file()
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    proc = run_cli("triton-repo", str(bundle), "-o", str(foreign))
-    assert_one_line_error(proc, InputError.exit_code, "is not empty and was not written by `qwen2edge triton-repo`")
+    proc = run_cli("triton-repo", str(bundle), "-o", str(foreign), "--overwrite")
+    assert_one_line_error(proc, InputError.exit_code, "holds notes.txt, which no qwen2edge manifest there lists")
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    # Nor another qwen2edge output (here the bundle it serves, a directory holding it, or another bundle).
+    for target in (bundle, bundle.parent, tiny_bundle_factory("mqa_tied")[1]):
+        proc = run_cli("triton-repo", str(bundle), "-o", str(target), "--overwrite")
+        assert_one_line_error(proc, InputError.exit_code, "is the input" if target == bundle else
+                              "contains the input" if target == bundle.parent else "not a qwen2edge-triton-repo")
 
 
 def test_refuses_a_bundle_failing_its_checksums(tiny_bundle_factory, tmp_path):
