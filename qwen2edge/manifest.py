@@ -168,26 +168,27 @@ def check_output(final: Path, overwrite: bool = False, inputs: Iterable[str | Pa
     """Refuse an output directory that is (or contains) an input, holds anything qwen2edge did not write,
     holds another kind of artifact than `kind` (the manifest's "kind"), or holds an artifact when
     `overwrite` is off. `option` names the output's option in messages."""
-    other = f"pass another {{opt:{option}}}" if option else "move it away first"
+    other = f"pass another {{opt:{option}}}" if option else f"remove {final} yourself first"
     resolved = final.resolve()
     for given in inputs:
         src = Path(given).resolve()
         if src == resolved or resolved in src.parents:
             relation = "is" if src == resolved else "contains"
-            raise InputError(f"the output {final} {relation} the input {given}, which writing it would delete: {other}")
+            raise InputError(f"the output {final} {relation} the input {given}, which writing it would delete: "
+                             + (other if option else "keep that input elsewhere"))
     if final.is_symlink() or (final.exists() and not final.is_dir()):
-        raise InputError(f"{final} exists and is not a directory: {other}")
+        raise InputError(f"{final} is a file or a symbolic link, not a directory: {other}")
     if not final.exists() or not any(final.iterdir()):
         return
     foreign = first_foreign(final)
     if foreign is not None:
         raise InputError(f"{final} holds {foreign}, which no qwen2edge manifest there lists, so the directory is "
-                         f"never replaced: {other}, or move that out")
+                         f"never replaced: move that out, or {other}")
     if kind is not None:
         found = json.loads((final / MANIFEST).read_text(encoding="utf-8")).get("kind")  # parsed by first_foreign
         if found != kind:
-            raise InputError(f"{final} holds a qwen2edge {found or 'artifact'} output, not a {kind}, so it is never "
-                             f"replaced by this command: {other}")
+            raise InputError(f"{final} holds a qwen2edge {found or 'artifact'} output, not a {kind}, so this command "
+                             f"never replaces it: {other}")
     if not overwrite:
         raise InputError(f"{final} already holds a qwen2edge artifact: pass {{opt:overwrite}} to replace it"
                          + (f", or another {{opt:{option}}}" if option else ""))

@@ -123,7 +123,7 @@ def test_the_output_is_never_an_input_or_a_directory_holding_one(tmp_path, monke
             pass
     assert (model / "v").read_text() == "1" and archive.read_bytes() == b"x"
     (tmp_path / "file").write_text("x")
-    with pytest.raises(InputError, match="exists and is not a directory"):
+    with pytest.raises(InputError, match="is a file or a symbolic link, not a directory"):
         with atomic_directory(tmp_path / "file"):
             pass
 
