@@ -237,3 +237,24 @@ def test_unbundle_output_rules(packed, tmp_path, monkeypatch):
     unpack_bundle(local, tmp_path / "out", overwrite=True)
     Bundle.open(tmp_path / "out")
     assert local.is_file() and (tmp_path / "keep.txt").read_text() == "mine" and (mine / "notes.txt").is_file()
+
+
+def test_unbundle_cli_refuses_a_non_tar_archive_and_its_own_directory_in_one_line(packed, tmp_path):
+    """Through the real command: a non-tar archive was a five-line error (exit 1); `unbundle a.tar.gz -o .`
+    deleted the directory's files and the archive. Both are one line, exit 2, and nothing is touched."""
+    from .test_cli import assert_one_line_error, run_cli
+
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(gzip.compress(b"a gzip file, but no tar inside"))
+    proc = run_cli("unbundle", str(junk), "-o", str(tmp_path / "out"), block_torch=True)
+    assert_one_line_error(proc, BundleError.exit_code, "is not a .tar.gz written by `qwen2edge bundle`")
+    assert not (tmp_path / "out").exists()
+    shutil.copyfile(packed[1], tmp_path / "model.tar.gz")
+    (tmp_path / "keep.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cmd = [sys.executable, "-m", "qwen2edge.cli", "unbundle", "model.tar.gz", "-o", ".", "--overwrite"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert_one_line_error(proc, InputError.exit_code, "contains the input model.tar.gz")
+    assert "pass another --output" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "keep.txt").read_text() == "mine"
