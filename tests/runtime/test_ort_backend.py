@@ -93,7 +93,6 @@ def test_a_tampered_optimized_graph_cache_is_rebuilt_never_run(twin_bundles, tam
     assert again.optimized_from_cache and _tokens(again, bundle) == want
 
 
-
 def test_sessions_flush_subnormals_to_zero(tiny_bundle_factory):
     """Subnormal arithmetic is slow on x86 and softmax over a long cache produces it, so every session
     flushes subnormals to zero in its thread pool (ONNX Runtime applies the flag to pool threads only,
