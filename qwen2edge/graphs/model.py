@@ -7,6 +7,9 @@ G = H / Hkv, D head_dim, R rotary dim, C hidden size, V vocab.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,56 +32,104 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.float()
+        x = _to(x, torch.float32)
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class _ReshapeKeep(torch.autograd.Function):
+    """x.reshape(*x.shape[:keep], *dims) that exports as ONE ONNX Reshape whose shape is a constant
+    ([0] * keep + dims; 0 copies the input's dimension). The tracer would otherwise rebuild the
+    dynamic leading dimensions from Shape/Gather/Unsqueeze/Concat nodes at every reshape."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: int, dims: tuple[int, ...]) -> Tensor:  # noqa: ARG004
+        return x.reshape(*x.shape[:keep], *dims)
+
+    @staticmethod
+    def symbolic(g, x, keep: int, dims: tuple[int, ...]):
+        lead = [0] * keep
+        if -1 not in dims:
+            lead[-1] = -1  # the last kept dimension is inferred (torch's ONNX shape inference wants one -1)
+        shape = g.op("Constant", value_t=torch.tensor(lead + list(dims), dtype=torch.int64))
+        return g.op("Reshape", x, shape)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first R channels of x [B, h, T, D] by cos/sin [B, 1, T, R]; the rest pass through."""
-    rot = cos.shape[-1]
-    if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    xr, xp = x[..., :rot], x[..., rot:]
-    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+def reshape_keep(x: Tensor, keep: int, *dims: int) -> Tensor:
+    """Keep the first `keep` (dynamic) dimensions, reshape the rest to `dims` (one may be -1)."""
+    return _ReshapeKeep.apply(x, keep, tuple(dims))
+
+
+def _to(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast only when the dtype differs (a same-dtype .to() still traces to a Cast node)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def signed_sin(sin: np.ndarray) -> np.ndarray:
+    """sin table [P, R] with its first half negated: rotate_half(x) * sin == swap_halves(x) * signed_sin,
+    which saves the Neg of rotate_half (negation is exact, so the result is bit for bit the same)."""
+    half = sin.shape[-1] // 2
+    return np.concatenate([-sin[:, :half], sin[:, half:]], axis=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rot: int) -> Tensor:
+    """Rotate the first `rot` channels of x [B, h, T, D] by cos / signed sin [B, 1, T, rot]; the rest
+    pass through. `rot` is a Python int so the split points are constants of the graph."""
+    d = x.shape[-1]
+    xr, xp = (x, None) if rot == d else x.split([rot, d - rot], dim=-1)
+    x1, x2 = xr.split([rot // 2, rot // 2], dim=-1)
+    out = xr * cos + torch.cat((x2, x1), dim=-1) * sin
+    return out if xp is None else torch.cat((out, xp), dim=-1)
+
+
+def _exact_power_of_two(v: float) -> bool:
+    m, _ = math.frexp(v)
+    return m == 0.5
 
 
 class Attention(nn.Module):
+    """q/k/v run as ONE projection (weights concatenated along the output axis, a constant the
+    exporter folds; one MatMul + Split in the graph) and q and k are rotated together."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.rot = cfg.rotary_dim
         c = cfg.hidden_size
         self.q_proj = nn.Linear(c, self.h * self.d, bias=True)
         self.k_proj = nn.Linear(c, self.hkv * self.d, bias=True)
         self.v_proj = nn.Linear(c, self.hkv * self.d, bias=True)
         self.o_proj = nn.Linear(self.h * self.d, c, bias=False)
+        # 1/sqrt(D) folds into the q weights when it is a power of two (D = 16, 64, 256: exact, so
+        # the result is unchanged bit for bit); otherwise it stays one Mul on q.
+        self.q_scale = self.d ** -0.5
+        self.fold_q_scale = _exact_power_of_two(self.q_scale)
+
+    def _qkv(self, x: Tensor) -> Tensor:
+        """[B, H + 2 Hkv, T, D]: q heads (already times 1/sqrt(D) when folded), then k, then v, unrotated."""
+        s = self.q_scale if self.fold_q_scale else 1.0
+        w = torch.cat((self.q_proj.weight * s, self.k_proj.weight, self.v_proj.weight))
+        b = torch.cat((self.q_proj.bias * s, self.k_proj.bias, self.v_proj.bias))
+        return reshape_keep(F.linear(x, w, b), 2, self.h + 2 * self.hkv, self.d).transpose(1, 2)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, ...], past_k: Tensor, past_v: Tensor,
-                bias_past: Tensor, bias_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                mask: tuple) -> tuple[Tensor, Tensor, Tensor]:
         cos, sin = rope
-        b, t, _ = x.shape
-        g = self.h // self.hkv
-        q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
-        q = apply_rotary(q, cos, sin).to(x.dtype)
-        k = apply_rotary(k, cos, sin).to(x.dtype)
-        q = q * (self.d ** -0.5)
-        qg = q.reshape(b, self.hkv, g, t, self.d)  # [B, Hkv, G, T, D]; GQA without copying K/V per head
+        bias_past, bias_new, cache_len = mask  # [B, 1, 1, L], [B, 1, G*T, T], L (computed once per graph)
+        qk, v = self._qkv(x).split([self.h + self.hkv, self.hkv], dim=1)
+        q, k = _to(apply_rotary(qk, cos, sin, self.rot), x.dtype).split([self.h, self.hkv], dim=1)
+        if not self.fold_q_scale:
+            q = q * self.q_scale
+        # GQA without copying K/V per head: each KV head's G query heads are G*T rows of one 4-D MatMul
+        # (row g*T + t), so the cache and the new keys/values are used as they are (no Unsqueeze).
+        qg = reshape_keep(q, 1, self.hkv, -1, self.d)  # [B, Hkv, G*T, D]
         # Scores against the cache and against the current tokens are computed apart and joined
         # after the matmul, so the static cache is only read, never concatenated (copied).
-        s_past = torch.matmul(qg, past_k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, L]
-        s_new = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, T]
-        scores = torch.cat((s_past.float() + bias_past, s_new.float() + bias_new), dim=-1)  # [B, Hkv, G, T, L+T]
-        probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        cache_len = past_k.shape[2]
-        out = torch.matmul(probs[..., :cache_len], past_v.unsqueeze(2)) + torch.matmul(
-            probs[..., cache_len:], v.unsqueeze(2))  # [B, Hkv, G, T, D]
-        out = out.reshape(b, self.h, t, self.d).transpose(1, 2).reshape(b, t, self.h * self.d)  # [B, T, H*D]
+        s_past = torch.matmul(qg, past_k.transpose(-1, -2))  # [B, Hkv, G*T, L]
+        s_new = torch.matmul(qg, k.transpose(-1, -2))  # [B, Hkv, G*T, T]
+        scores = torch.cat((_to(s_past, torch.float32) + bias_past, _to(s_new, torch.float32) + bias_new), dim=-1)
+        probs = _to(torch.softmax(scores, dim=-1), x.dtype)  # [B, Hkv, G*T, L+T]
+        out = torch.matmul(probs[..., :cache_len], past_v) + torch.matmul(probs[..., cache_len:], v)  # [B, Hkv, G*T, D]
+        out = reshape_keep(reshape_keep(out, 1, self.h, -1, self.d).transpose(1, 2), 2, self.h * self.d)  # [B, T, H*D]
         return self.o_proj(out), k, v
 
 
@@ -97,27 +148,26 @@ class DcaAttention(Attention):
     """
 
     def forward(self, x: Tensor, rope: tuple[Tensor, ...], past_k: Tensor, past_v: Tensor,
-                bias_past: Tensor, bias_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                mask: tuple) -> tuple[Tensor, Tensor, Tensor]:
         cos_k, sin_k, cos_s, sin_s, cos_x, sin_x, scale, sel_past, sel_new = rope
+        bias_past, bias_new, cache_len = mask  # [B, 1, 1, 1, L], [B, 1, 1, T, T], L
         b, t, _ = x.shape
         g = self.h // self.hkv
-        cache_len = past_k.shape[2]
-        q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
-        k = (apply_rotary(k, cos_k, sin_k) * scale).to(x.dtype)  # cached as rotated by P_k, times sf
-        qs = torch.stack((apply_rotary(q, cos_k, sin_k), apply_rotary(q, cos_s, sin_s),
-                          apply_rotary(q, cos_x, sin_x)), dim=2)  # [B, H, 3, T, D]
-        qs = (qs * (scale.unsqueeze(-1) * (self.d ** -0.5))).to(x.dtype)
-        qs = qs.reshape(b, self.hkv, g * 3 * t, self.d)  # [B, Hkv, G*3*T, D]: one plain batched MatMul
+        q, k, v = self._qkv(x).split([self.h, self.hkv, self.hkv], dim=1)  # [B, H, T, D], [B, Hkv, T, D] x2
+        k = _to(apply_rotary(k, cos_k, sin_k, self.rot) * scale, x.dtype)  # cached as rotated by P_k, times sf
+        qs = torch.stack((apply_rotary(q, cos_k, sin_k, self.rot), apply_rotary(q, cos_s, sin_s, self.rot),
+                          apply_rotary(q, cos_x, sin_x, self.rot)), dim=2)  # [B, H, 3, T, D]
+        q_scale = scale.unsqueeze(-1) if self.fold_q_scale else scale.unsqueeze(-1) * self.q_scale
+        qs = _to(qs * q_scale, x.dtype)
+        qs = reshape_keep(qs, 1, self.hkv, -1, self.d)  # [B, Hkv, G*3*T, D]: one plain batched MatMul
         s_past = torch.matmul(qs, past_k.transpose(-1, -2)).view(b, self.hkv, g, 3, t, cache_len)
         s_new = torch.matmul(qs, k.transpose(-1, -2)).view(b, self.hkv, g, 3, t, t)
-        s_past = _pick(s_past.float(), *sel_past) + bias_past  # [B, Hkv, G, T, L]
-        s_new = _pick(s_new.float(), *sel_new) + bias_new  # [B, Hkv, G, T, T]
-        probs = torch.softmax(torch.cat((s_past, s_new), dim=-1), dim=-1).to(x.dtype)
+        s_past = _pick(_to(s_past, torch.float32), *sel_past) + bias_past  # [B, Hkv, G, T, L]
+        s_new = _pick(_to(s_new, torch.float32), *sel_new) + bias_new  # [B, Hkv, G, T, T]
+        probs = _to(torch.softmax(torch.cat((s_past, s_new), dim=-1), dim=-1), x.dtype)
         out = torch.matmul(probs[..., :cache_len], past_v.unsqueeze(2)) + torch.matmul(
             probs[..., cache_len:], v.unsqueeze(2))  # [B, Hkv, G, T, D]
-        out = out.reshape(b, self.h, t, self.d).transpose(1, 2).reshape(b, t, self.h * self.d)
+        out = reshape_keep(reshape_keep(out, 1, self.h, -1, self.d).transpose(1, 2), 2, self.h * self.d)
         return self.o_proj(out), k, v
 
 
@@ -129,7 +179,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # gate and up read the same input: one MatMul over the concatenated weights, then Split.
+        gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).split(
+            [self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -141,10 +194,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: Tensor, rope, past_k, past_v, bias_past, bias_new, dtype):
-        a, k, v = self.self_attn(self.input_layernorm(h).to(dtype), rope, past_k, past_v, bias_past, bias_new)
-        h = h + a.float()  # the residual stream stays fp32
-        h = h + self.mlp(self.post_attention_layernorm(h).to(dtype)).float()
+    def forward(self, h: Tensor, rope, past_k, past_v, mask, dtype):
+        a, k, v = self.self_attn(_to(self.input_layernorm(h), dtype), rope, past_k, past_v, mask)
+        h = h + _to(a, torch.float32)  # the residual stream stays fp32
+        h = h + _to(self.mlp(_to(self.post_attention_layernorm(h), dtype)), torch.float32)
         return h, k, v
 
 
@@ -171,7 +224,8 @@ class Qwen2Graph(nn.Module):
         rows = dca.table_rows(cfg.dual_chunk, max_seq_len) if cfg.dual_chunk is not None else max_seq_len
         cos, sin = rotary_tables(cfg, rows)
         self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)  # [L, R] fp32
-        self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
+        # sin with its first half negated (signed_sin): rotate_half becomes a swap of halves.
+        self.register_buffer("rope_sin", torch.from_numpy(signed_sin(sin)), persistent=False)
 
     def cast_weights(self) -> "Qwen2Graph":
         """Linear/embedding weights to the export dtype; norms and rotary tables stay fp32."""
@@ -202,19 +256,24 @@ class Qwen2Graph(nn.Module):
         rope = self._dca_rope(cache_len, *rest[:n_dca]) if self.dca else self._rope(position_ids)
         valid = attention_mask > 0
         # Past slots: visible when valid. Current tokens: valid and not after the query (by position).
-        bias_past = torch.where(valid[:, :cache_len], 0.0, MASK_VALUE)[:, None, None, None, :]  # [B, 1, 1, 1, L]
+        bias_past = torch.where(valid[:, :cache_len], 0.0, MASK_VALUE)[:, None, None, :]  # [B, 1, 1, L]
         causal = position_ids[:, None, :] <= position_ids[:, :, None]  # [B, Tq, Tk]
         new_ok = causal & valid[:, cache_len:][:, None, :]  # [B, Tq, Tk]
-        bias_new = torch.where(new_ok, 0.0, MASK_VALUE)[:, None, None, :, :]  # [B, 1, 1, T, T]
-        h = self.embed_tokens(input_ids).float()  # [B, T, C] residual stream in fp32
+        bias_new = torch.where(new_ok, 0.0, MASK_VALUE)[:, None]  # [B, 1, T, T]
+        if self.dca:  # DCA scores are [B, Hkv, G, T, K]
+            mask = (bias_past.unsqueeze(1), bias_new.unsqueeze(1), cache_len)
+        else:  # plain scores are [B, Hkv, G*T, K], row g*T + t: the new-token bias tiles G times, once per graph
+            mask = (bias_past, bias_new.repeat(1, 1, self.cfg.num_attention_heads // self.cfg.num_key_value_heads, 1),
+                    cache_len)
+        h = _to(self.embed_tokens(input_ids), torch.float32)  # [B, T, C] residual stream in fp32
         presents, hidden = [], [h]
         for i, layer in enumerate(self.layers):
-            h, k, v = layer(h, rope, past[2 * i], past[2 * i + 1], bias_past, bias_new, self.dtype)
+            h, k, v = layer(h, rope, past[2 * i], past[2 * i + 1], mask, self.dtype)
             presents += [k, v]
             hidden.append(h)
         idx = logits_index.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # [B, N, C]
-        h = self.norm(torch.gather(h, 1, idx)).to(self.dtype)  # [B, N, C]
-        logits = self.lm_head(h).float()  # [B, N, V]
+        h = _to(self.norm(torch.gather(h, 1, idx)), self.dtype)  # [B, N, C]
+        logits = _to(self.lm_head(h), torch.float32)  # [B, N, V]
         if not self.expose_hidden_states:
             return (logits, *presents)
         # transformers reports the last layer after the final norm; mirror that (all positions).
