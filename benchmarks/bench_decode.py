@@ -33,7 +33,7 @@ from prepare import Unavailable  # noqa: E402
 class Row:
     engine: str
     precision: str
-    fmt: str  # weight format, for the bandwidth floor: fp32 fp16 int8 q8_0 int4
+    fmt: str  # weight format: fp32 fp16 int8 q8_0 int4 q4_0 q4_k_m (which qwen2edge row it is compared with)
     build: Any  # () -> path (may raise Unavailable)
     ours: bool = False
     path: Path | None = None
@@ -60,6 +60,8 @@ def rows_for(work: Path, ckpt: Path, max_seq_len: int, engines: set[str], log) -
         ("llama.cpp", "F32", "fp32", lambda: prepare.gguf_file(work, ckpt, "F32", log), False),
         ("llama.cpp", "F16", "fp16", lambda: prepare.gguf_file(work, ckpt, "F16", log), False),
         ("llama.cpp", "Q8_0", "q8_0", lambda: prepare.gguf_file(work, ckpt, "Q8_0", log), False),
+        ("llama.cpp", "Q4_0", "q4_0", lambda: prepare.gguf_file(work, ckpt, "Q4_0", log), False),
+        ("llama.cpp", "Q4_K_M", "q4_k_m", lambda: prepare.gguf_file(work, ckpt, "Q4_K_M", log), False),
     ]
     return [Row(e, p, f, b, ours) for e, p, f, b, ours in spec if not engines or e in engines]
 
@@ -91,18 +93,29 @@ def run_one(row: Row, args: argparse.Namespace) -> dict[str, float] | str:
 
 def matched(row: Row, rows: list[Row]) -> Row | None:
     """The qwen2edge row a peer is compared with: same weight bits (F16 and Q8_0 -> int8)."""
-    want = {"fp32": "fp32", "fp16": "int8", "q8_0": "int8", "int8": "int8", "int4": "int4"}[row.fmt]
+    want = {"fp32": "fp32", "fp16": "int8", "q8_0": "int8", "int8": "int8", "int4": "int4", "q4_0": "int4",
+            "q4_k_m": "int4"}[row.fmt]
     return next((r for r in rows if r.ours and r.fmt == want and r.runs), None)
 
 
+def step_bytes(row: Row, cfg: dict[str, Any]) -> float:
+    """Weight bytes one decode step reads: counted from the artifact when there is one (exact for
+    every format and llama.cpp's type mixes), else from the shape (transformers' checkpoint)."""
+    got = prepare.artifact_weight_bytes(row.path) if row.path is not None else None
+    if got is None and row.fmt in ("q4_k_m",):
+        return float("nan")
+    return got if got else prepare.weight_bytes_per_token(cfg, row.fmt)
+
+
 def table(rows: list[Row], cfg: dict[str, Any], bandwidth: float) -> str:
-    head = (f"{'engine':<26}{'model MB':>9}{'TTFT ms':>9}{'decode tok/s':>13}{'floor tok/s':>12}{'% floor':>8}"
-            f"{'peak RSS MB':>12}   {'qwen2edge / this: decode (higher better), TTFT (lower better)'}")
+    head = (f"{'engine':<26}{'model MB':>9}{'MB/token':>9}{'TTFT ms':>9}{'decode tok/s':>13}{'floor tok/s':>12}"
+            f"{'% floor':>8}{'peak RSS MB':>12}   {'qwen2edge / this: decode (higher better), TTFT (lower better)'}")
     out = [head, "-" * len(head)]
     for r in rows:
-        floor = bandwidth / prepare.weight_bytes_per_token(cfg, r.fmt)
+        per_token = step_bytes(r, cfg)
+        floor = bandwidth / per_token
         if not r.runs:
-            out.append(f"{r.name:<26}{'':>9}{'':>9}{'':>13}{floor:>12.1f}{'':>8}{'':>12}   unavailable: {r.why}")
+            out.append(f"{r.name:<26}{'':>9}{'':>9}{'':>9}{'':>13}{floor:>12.1f}{'':>8}{'':>12}   unavailable: {r.why}")
             continue
         tps, ttft = r.median("decode_tps"), r.median("ttft_s") * 1000
         ratio = ""
@@ -111,7 +124,7 @@ def table(rows: list[Row], cfg: dict[str, Any], bandwidth: float) -> str:
             ratio = (f"{m.precision}: decode {m.median('decode_tps') / tps:.2f}x, "
                      f"TTFT {m.median('ttft_s') * 1000 / ttft:.2f}x")
         size = prepare.model_mb(r.path) if r.path else float("nan")
-        out.append(f"{r.name:<26}{size:>9.0f}{ttft:>9.0f}{tps:>13.2f}{floor:>12.1f}{tps / floor:>8.0%}"
+        out.append(f"{r.name:<26}{size:>9.0f}{per_token / 1e6:>9.0f}{ttft:>9.0f}{tps:>13.2f}{floor:>12.1f}{tps / floor:>8.0%}"
                    f"{r.median('peak_rss_mb'):>12.0f}   {ratio}")
     return "\n".join(out)
 
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(random weights); batch 1, {args.prompt_len}-token prompt, {args.new_tokens} greedy new tokens, "
           f"{args.threads} threads; medians of {args.repeats} runs")
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s before, {bandwidth_after / 1e9:.1f} GB/s after "
-          f"(floor uses {bw / 1e9:.1f}); floor tok/s = bandwidth / weight bytes per token")
+          f"(floor uses {bw / 1e9:.1f}); floor tok/s = bandwidth / weight bytes per token (MB/token, counted from each artifact)")
     print(table(rows, cfg, bw))
     busy = max(load_before, load_after) > 0.5 * cores() + 0.5
     print(f"load average {load_before:.2f} before, {load_after:.2f} after, {cores()} cores"

@@ -66,8 +66,13 @@ def run_transformers(path: str, ids: list[int], new: int, threads: int) -> dict[
 def run_genai(path: str, ids: list[int], new: int, threads: int) -> dict[str, float]:
     import onnxruntime_genai as og
 
+    import json
+
     t = time.perf_counter()
     cfg = og.Config(path)
+    # The same threads as every other engine: genai's session options (its default is every core).
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
     model = og.Model(cfg)
     load = time.perf_counter() - t
 

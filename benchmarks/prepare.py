@@ -7,6 +7,7 @@ Every builder returns a path, or raises Unavailable with the reason the table pr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -137,8 +138,13 @@ def optimum_model(work: Path, ckpt: Path, log: Log) -> Path:
     return _mark(out)
 
 
+LLAMA_QUANT_TYPES = ("Q4_0", "Q4_K_M")  # made by llama.cpp's own quantizer from the F16 GGUF
+
+
 def gguf_file(work: Path, ckpt: Path, kind: str, log: Log) -> Path:
-    """A GGUF (F32, F16 or Q8_0) written from the same checkpoint with the gguf package."""
+    """A GGUF of the same checkpoint: F32, F16 or Q8_0 written with the gguf package, or Q4_0 /
+    Q4_K_M quantized by llama.cpp itself (`llama_model_quantize`) from the F16 file, as a llama.cpp
+    user would make them."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -146,13 +152,41 @@ def gguf_file(work: Path, ckpt: Path, kind: str, log: Log) -> Path:
     out = work / f"model-{kind}.gguf"
     if out.is_file():
         return out
-    log(f"writing GGUF {kind} -> {out}")
-    from gguf_writer import write_qwen2_gguf
-
     tmp = out.with_suffix(".partial")
-    write_qwen2_gguf(ckpt, tmp, kind)
+    if kind in LLAMA_QUANT_TYPES:
+        f16 = gguf_file(work, ckpt, "F16", log)
+        log(f"llama.cpp quantizing {f16.name} -> {kind} {out}")
+        llama_quantize(f16, tmp, kind)
+    else:
+        log(f"writing GGUF {kind} -> {out}")
+        from gguf_writer import write_qwen2_gguf
+
+        write_qwen2_gguf(ckpt, tmp, kind)
     tmp.replace(out)
     return out
+
+
+def llama_quantize(src: Path, dst: Path, kind: str, threads: int = 0) -> None:
+    """llama.cpp's quantizer (the `llama-quantize` tool's library call) with its default settings."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+                    "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
+    params.nthread = threads
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)  # llama.cpp prints its per-tensor log on the C stdout: keep it out of the table
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    if rc != 0:
+        dst.unlink(missing_ok=True)
+        raise Unavailable(f"llama_model_quantize {kind} failed (return code {rc})")
 
 
 def model_mb(path: Path) -> float:
@@ -171,13 +205,57 @@ def read_config(ckpt: Path) -> dict[str, Any]:
 def weight_bytes_per_token(cfg: dict[str, Any], fmt: str) -> float:
     """Bytes of weights one decode step reads: every linear layer and the lm_head (the embedding
     Gather reads one row, negligible). fmt: fp32, fp16, int8 (1 B + fp32 scale per 32), q8_0
-    (34 B per 32), int4 (0.5 B + fp32 scale + 4-bit zero point per 32)."""
+    (34 B per 32), int4 (qwen2edge's: 0.5 B + fp32 scale per 32), q4_0 (18 B per 32), q4_k_m
+    (llama.cpp's mix: measured from the file, see gguf_weight_bytes)."""
     h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     params = n * (h * q + 2 * h * kv + q * h + 3 * h * i) + h * cfg["vocab_size"]
-    per = {"fp32": 4.0, "fp16": 2.0, "int8": 1 + 4 / 32, "q8_0": 34 / 32, "int4": 0.5 + 4.5 / 32}[fmt]
+    per = {"fp32": 4.0, "fp16": 2.0, "int8": 1 + 4 / 32, "q8_0": 34 / 32, "int4": 0.5 + 4 / 32, "q4_0": 18 / 32}[fmt]
     return params * per
+
+
+def artifact_weight_bytes(path: Path) -> float | None:
+    """Bytes of weights one decode step reads, counted from the artifact itself (so every format's
+    scales, zero points and llama.cpp's per-tensor type mix are exact): ONNX, the initializers read
+    by weight MatMuls (MatMul, MatMulNBits, Gemm, and the DequantizeLinear nodes feeding them); GGUF,
+    every 2-D tensor except the token embedding (unless it doubles as the output matrix). None when
+    the path is neither (then the formula of weight_bytes_per_token applies)."""
+    if path.is_file() and path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        tensors = GGUFReader(str(path)).tensors
+        names = {t.name for t in tensors}
+        return float(sum(int(t.n_bytes) for t in tensors if len(t.shape) == 2
+                         and (t.name != "token_embd.weight" or "output.weight" not in names)))
+    onnx_files = sorted(path.glob("*.onnx")) if path.is_dir() else []
+    if not onnx_files:
+        return None
+    import onnx
+
+    model = onnx.load(str(onnx_files[0]), load_external_data=False)
+    size = {t.name: _stored_size(t) for t in model.graph.initializer}
+    nodes = model.graph.node
+    into_matmul = {i for n in nodes if n.op_type in ("MatMul", "Gemm") for i in n.input}
+    reads: set[str] = set()
+    for n in nodes:
+        if n.op_type in ("MatMul", "MatMulNBits", "Gemm"):
+            reads.update(i for i in n.input[1:] if i in size)
+        elif n.op_type == "DequantizeLinear" and set(n.output) & into_matmul:
+            reads.update(i for i in n.input if i in size)
+    return float(sum(size[n] for n in reads))
+
+
+def _stored_size(t) -> int:
+    """Bytes of an initializer as stored (raw, or external data's recorded length)."""
+    if t.raw_data:
+        return len(t.raw_data)
+    for kv in t.external_data:
+        if kv.key == "length":
+            return int(kv.value)
+    import onnx
+
+    return 0 if t.data_location == onnx.TensorProto.EXTERNAL else int(onnx.numpy_helper.to_array(t).nbytes)
 
 
 def stream_bandwidth(mb: int = 512, repeats: int = 5, threads: int = 1) -> float:

@@ -30,17 +30,26 @@ BLOCK_SIZES = (32, 64, 128)
 QUANT_OPSET = 21  # DequantizeLinear's block_size attribute and the uint4 type arrived in opset 21
 TRACE_OPSET = 20  # the TorchScript exporter's newest; 20 -> 21 only widened types (int4), no semantics
 FLOAT_TYPES = (1, 10)  # TensorProto.FLOAT, FLOAT16
+# The int4 default, chosen from measured perplexity / top-1 vs bytes per token on the default model
+# (benchmarks/int4_experiments.py; the table and the reasoning are in docs/performance.md).
+INT4_SYMMETRIC = True
+INT4_SEARCH = True
+INT4_LM_HEAD_INT8 = False
 
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """What `--quantize` asked for."""
+    """What `--quantize` asked for. The int4 fields' defaults are the measured choice
+    (benchmarks/int4_experiments.py, docs/performance.md)."""
 
     scheme: str = "int8"
     block_size: int = 32
     embeddings: bool = True  # the lm_head MatMul and the embedding table too
+    int4_symmetric: bool = INT4_SYMMETRIC  # int4 without zero point (TensorRT's int4) vs uint4 + zero point
+    int4_search: bool = INT4_SEARCH  # per-block least-squares scale search (llama.cpp-style)
+    int4_lm_head_int8: bool = INT4_LM_HEAD_INT8  # int4 bundles keep the lm_head MatMul in int8
 
     def check(self) -> None:
         if self.scheme not in SCHEMES:
@@ -49,48 +58,160 @@ class QuantizeOptions:
             raise InputError(f"--block-size {self.block_size} is not supported: pass one of "
                              f"{', '.join(map(str, BLOCK_SIZES))}")
 
+    def weight_format(self, lm_head: bool = False) -> str:
+        """int8 | int4 | uint4: the element type one weight matrix gets."""
+        if self.scheme == "int8" or (lm_head and self.int4_lm_head_int8):
+            return "int8"
+        return "int4" if self.int4_symmetric else "uint4"
+
     def to_dict(self) -> dict[str, Any]:
+        if self.scheme == "int8":
+            weights = "int8 symmetric"
+        else:
+            weights = ("int4 symmetric (largest magnitude -> -8)" if self.int4_symmetric
+                       else "uint4 asymmetric (zero point per block)")
+            weights += ", scale searched per block (least squares)" if self.int4_search else ", min/max scale"
+        lm_head = "float" if not self.embeddings else self.weight_format(lm_head=True)
         return {"scheme": self.scheme, "block_size": self.block_size, "embeddings": self.embeddings,
                 "format": "DequantizeLinear(block_size)+MatMul", "opset": QUANT_OPSET,
-                "weights": "int8 symmetric" if self.scheme == "int8" else "uint4 asymmetric (zero point per block)",
+                "weights": weights, "lm_head": lm_head,
+                "int4": {"symmetric": self.int4_symmetric, "scale_search": self.int4_search,
+                         "lm_head_int8": self.int4_lm_head_int8} if self.scheme == "int4" else None,
                 "embedding_table": "int8 blockwise" if self.embeddings else "float"}
 
 
-def quantize_blocks(w: np.ndarray, scheme: str, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def quantize_blocks(w: np.ndarray, scheme: str, block: int, symmetric: bool = True, search: bool = False,
+                    importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Quantize w [K, N] in blocks of `block` rows along K.
 
-    Returns (q [K, N] int8 or uint8 holding 0..15, scale [K/block, N] in w's dtype, zero point
-    [K/block, N] uint8 or None). Dequantized: (q - zp) * scale, the DequantizeLinear formula.
+    Returns (q [K, N], scale [K/block, N] in w's dtype, zero point [K/block, N] uint8 or None).
+    Dequantized: (q - zp) * scale, the DequantizeLinear formula. int8: symmetric, q in -127..127.
+    int4 symmetric: q in -8..7 (int4, no zero point), scale > 0; the block's largest-magnitude weight
+    maps exactly onto -8 or +7 (llama.cpp's Q4_0 uses -8 with a signed scale). int4 asymmetric: q in 0..15
+    (uint4) with a uint4 zero point, the range [min(w, 0), max(w, 0)].
+    search: per block, try candidate scales and keep the one with the least weighted squared error,
+    each candidate's scale refit by least squares for its rounded values. As in llama.cpp's k-quants,
+    each weight's error counts rms(block) + |w| times (plain squared error would clip the large
+    weights that matter most), times `importance` [K] of its input channel when given (e.g. the
+    mean squared activation).
     """
     k, n = w.shape
     wb = w.astype(np.float32).reshape(k // block, block, n)
+    imp = None
+    if search and scheme == "int4":
+        imp = np.sqrt((wb * wb).mean(axis=1, keepdims=True)) + np.abs(wb)
+        if importance is not None:
+            imp = imp * np.asarray(importance, np.float32).reshape(k // block, block, 1)
     if scheme == "int8":
         scale = np.abs(wb).max(axis=1) / 127.0
         scale[scale == 0] = 1.0
         q = np.clip(np.rint(wb / scale[:, None]), -127, 127).astype(np.int8)
-        zp = None
-    else:
-        lo, hi = np.minimum(wb.min(axis=1), 0.0), np.maximum(wb.max(axis=1), 0.0)
-        scale = (hi - lo) / 15.0
-        scale[scale == 0] = 1.0
-        zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.uint8)
-        q = np.clip(np.rint(wb / scale[:, None]) + zp[:, None], 0, 15).astype(np.uint8)
+        return q.reshape(k, n), scale.astype(w.dtype), None
+    if symmetric:
+        q, scale = _int4_symmetric(wb, search, imp)
+        return q.reshape(k, n), scale.astype(w.dtype), None
+    q, scale, zp = _int4_asymmetric(wb, search, imp)
     return q.reshape(k, n), scale.astype(w.dtype), zp
 
 
-def pack_uint4(values: np.ndarray) -> bytes:
-    """ONNX's 4-bit raw layout: flattened row-major, element 2i in the low nibble of byte i."""
-    flat = values.reshape(-1).astype(np.uint8)
+def _sq_err(wb: np.ndarray, deq: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
+    d = (wb - deq) ** 2
+    return (d if imp is None else d * imp).sum(axis=1)
+
+
+def _lsq_scale(wb: np.ndarray, levels: np.ndarray, imp: np.ndarray | None, fallback: np.ndarray) -> np.ndarray:
+    """Least-squares scale for fixed integer levels: sum(w x l) / sum(l^2) (weighted), per block."""
+    wl = wb * levels if imp is None else wb * levels * imp
+    ll = levels * levels if imp is None else levels * levels * imp
+    num, den = wl.sum(axis=1), ll.sum(axis=1)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), fallback)
+
+
+# Candidate scales per block (search=True): the plain scale times these factors (llama.cpp's
+# make_qx_quants tries iscale = -(nmax + 0.1 i) / max for i in -9..9 likewise), plus their least-squares refit.
+_SYM_FACTORS = tuple(8.0 / (8.0 + 0.1 * i) for i in range(-9, 10)) + (7.0 / 8.0, 8.0 / 7.0)
+_ASYM_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+def _int4_symmetric(wb: np.ndarray, search: bool, imp: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.abs(wb).argmax(axis=1)[:, None]
+    m = np.take_along_axis(wb, idx, axis=1)[:, 0]  # signed largest-magnitude value per block column
+    # Scales stay positive (TensorRT's ONNX parser wants positive quantization scales), so the
+    # largest magnitude lands exactly on -8 when it is negative and on +7 when it is positive.
+    base = np.where(m < 0, -m / 8.0, m / 7.0)
+    base[base == 0] = 1.0
+    if not search:
+        return np.clip(np.rint(wb / base[:, None]), -8, 7).astype(np.int8), base
+    best_err = best_scale = None
+    for f in _SYM_FACTORS:
+        lv = np.clip(np.rint(wb / (base * f)[:, None]), -8, 7)
+        scale = _lsq_scale(wb, lv, imp, base * f)
+        err = _sq_err(wb, lv * scale[:, None], imp)
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err, best_scale = np.where(better, err, best_err), np.where(better, scale, best_scale)
+    best_scale[best_scale <= 0] = 1.0  # an all-zero block (a refit never flips the sign of a good fit)
+    return np.clip(np.rint(wb / best_scale[:, None]), -8, 7).astype(np.int8), best_scale
+
+
+def _asym_levels(wb: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scale = (hi - lo) / 15.0
+    scale[scale == 0] = 1.0
+    zp = np.clip(np.rint(-lo / scale), 0, 15)
+    q = np.clip(np.rint(wb / scale[:, None]) + zp[:, None], 0, 15)
+    return q, scale, zp
+
+
+def _int4_asymmetric(wb: np.ndarray, search: bool, imp: np.ndarray | None):
+    lo, hi = np.minimum(wb.min(axis=1), 0.0), np.maximum(wb.max(axis=1), 0.0)
+    if not search:
+        q, scale, zp = _asym_levels(wb, lo, hi)
+        return q.astype(np.uint8), scale, zp.astype(np.uint8)
+    best = None
+    for a in _ASYM_SHRINK:
+        for b in _ASYM_SHRINK:
+            q, scale, zp = _asym_levels(wb, lo * a, hi * b)
+            lv = q - zp[:, None]
+            scale = _lsq_scale(wb, lv, imp, scale)
+            err = _sq_err(wb, lv * scale[:, None], imp)
+            if best is None:
+                best = [err, q, scale, zp]
+            else:
+                better = err < best[0]
+                best = [np.where(better, err, best[0]), np.where(better[:, None], q, best[1]),
+                        np.where(better, scale, best[2]), np.where(better, zp, best[3])]
+    _, q, scale, zp = best
+    scale[scale == 0] = 1.0
+    return q.astype(np.uint8), scale, zp.astype(np.uint8)
+
+
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, block: int) -> np.ndarray:
+    """(q - zp) * scale with scale / zero point repeated over each block's rows (DequantizeLinear)."""
+    lv = q.astype(np.float32) - (0.0 if zp is None else np.repeat(zp.astype(np.float32), block, axis=0))
+    return lv * np.repeat(scale.astype(np.float32), block, axis=0)
+
+
+def pack_int4(values: np.ndarray) -> bytes:
+    """ONNX's 4-bit raw layout: flattened row-major, element 2i in the low nibble of byte i (signed
+    int4 as two's-complement nibbles; uint4 as is)."""
+    flat = values.reshape(-1).astype(np.uint8) & 0x0F
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])
     return (flat[0::2] | (flat[1::2] << 4)).tobytes()
 
 
-def _tensor(name: str, array: np.ndarray, uint4: bool = False):
+pack_uint4 = pack_int4  # the same nibble layout for unsigned values
+
+
+def _tensor(name: str, array: np.ndarray, nibbles: str | None = None):
+    """An initializer; nibbles "int4" / "uint4" packs 4-bit values in ONNX's raw layout."""
     from onnx import TensorProto, helper, numpy_helper
 
-    if uint4:
-        return helper.make_tensor(name, TensorProto.UINT4, array.shape, pack_uint4(array), raw=True)
+    if nibbles:
+        elem = TensorProto.INT4 if nibbles == "int4" else TensorProto.UINT4
+        return helper.make_tensor(name, elem, array.shape, pack_int4(array), raw=True)
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
@@ -147,14 +268,18 @@ def quantize_model(model, options: QuantizeOptions, vocab_size: int, progress: P
             continue
         w = numpy_helper.to_array(t)
         before += w.nbytes
-        q, scale, zp = quantize_blocks(w, options.scheme, bsz)
-        base = f"{node.name or t.name}.{options.scheme}"
+        fmt = options.weight_format(lm_head=_is_lm_head(t, vocab_size))
+        bits = "int8" if fmt == "int8" else "int4"
+        # Blocks run along K of each column, so a fused [K, N_q + N_k + N_v] matrix gets exactly
+        # the blocks its parts would get on their own.
+        q, scale, zp = quantize_blocks(w, bits, bsz, symmetric=fmt != "uint4", search=bits == "int4" and options.int4_search)
+        base = f"{node.name or t.name}.{bits}"
         q_name, s_name, deq = f"{base}.q", f"{base}.scale", f"{base}.dq"
         inputs = [q_name, s_name]
-        new_inits += [_tensor(q_name, q, uint4=options.scheme == "int4"), _tensor(s_name, scale)]
+        new_inits += [_tensor(q_name, q, nibbles=None if fmt == "int8" else fmt), _tensor(s_name, scale)]
         if zp is not None:
             inputs.append(f"{base}.zp")
-            new_inits.append(_tensor(f"{base}.zp", zp, uint4=True))
+            new_inits.append(_tensor(f"{base}.zp", zp, nibbles="uint4"))
         new_nodes.setdefault(id(node), []).append(
             helper.make_node("DequantizeLinear", inputs, [deq], name=f"{base}/DequantizeLinear", axis=0, block_size=bsz))
         node.input[idx] = deq

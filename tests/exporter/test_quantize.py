@@ -10,7 +10,7 @@ import pytest
 from onnx import numpy_helper
 
 from qwen2edge.exporter.export import ExportOptions, export_bundle
-from qwen2edge.exporter.quantize import QuantizeOptions, pack_uint4, quantize_blocks
+from qwen2edge.exporter.quantize import QuantizeOptions, pack_int4, quantize_blocks
 from qwen2edge.bundle_manifest import QuantizationRecord
 from qwen2edge.runtime.bundle import Bundle
 from qwen2edge.validation.engine import teacher_forced
@@ -18,27 +18,81 @@ from qwen2edge.validation.engine import teacher_forced
 from ..test_cli import assert_one_line_error, run_cli
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-@pytest.mark.parametrize("block", [32, 128])
-def test_blockwise_roundtrip_error_is_within_half_a_step(scheme, block):
-    w = np.random.default_rng(0).standard_normal((256, 48)).astype(np.float32) * 0.05
-    w[:block, 0] += 0.3  # one skewed block
-    q, scale, zp = quantize_blocks(w, scheme, block)
-    assert scale.shape == (256 // block, 48)
+def _deq(q, scale, zp, block):
     steps = np.repeat(scale, block, axis=0)
     zero = 0 if zp is None else np.repeat(zp, block, axis=0).astype(np.float32)
-    deq = (q.astype(np.float32) - zero) * steps
-    assert np.all(np.abs(deq - w) <= steps / 2 + 1e-7)
-    if scheme == "int4":
-        assert q.min() >= 0 and q.max() <= 15 and zp.max() <= 15
-    else:
+    return (q.astype(np.float32) - zero) * steps, steps
+
+
+def _weights():
+    w = np.random.default_rng(0).standard_normal((256, 48)).astype(np.float32) * 0.05
+    w[:32, 0] += 0.3  # one skewed block
+    return w
+
+
+@pytest.mark.parametrize("scheme,symmetric", [("int8", True), ("int4", True), ("int4", False)])
+@pytest.mark.parametrize("block", [32, 128])
+def test_blockwise_roundtrip_error_is_bounded_by_the_grid(scheme, symmetric, block):
+    w = _weights()
+    q, scale, zp = quantize_blocks(w, scheme, block, symmetric=symmetric)
+    assert scale.shape == (256 // block, 48)
+    deq, steps = _deq(q, scale, zp, block)
+    err = np.abs(deq - w)
+    if scheme == "int8":
         assert q.dtype == np.int8 and np.abs(q).max() == 127  # each block's largest weight uses the full range
+        assert np.all(err <= steps / 2 + 1e-7)
+    elif symmetric:
+        # the largest magnitude lands exactly on -8 or +7; scales stay positive (TensorRT)
+        assert zp is None and q.min() >= -8 and q.max() <= 7 and np.all(scale > 0)
+        # half a step, except a positive weight in a block led by a negative one (-8 side) may clip at +7
+        assert np.all(err <= steps + 1e-7) and np.mean(err <= steps / 2 + 1e-7) > 0.95
+        big = np.abs(w.reshape(256 // block, block, 48)).argmax(axis=1)
+        exact = np.take_along_axis(err.reshape(256 // block, block, 48), big[:, None], axis=1)
+        assert np.all(exact < 1e-6)
+    else:
+        assert q.min() >= 0 and q.max() <= 15 and zp.max() <= 15
+        assert np.all(err <= steps / 2 + 1e-7)
 
 
-def test_uint4_packing_matches_onnx():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scale_search_never_loses_to_the_plain_scale(symmetric):
+    """The search's candidates include the plain scale, refit by least squares: per block, its
+    weighted error (rms(block) + |w|, as llama.cpp's k-quants weigh) can only be lower or equal."""
+    w = _weights()
+    block = 32
+
+    def weighted_err(search):
+        q, scale, zp = quantize_blocks(w, "int4", block, symmetric=symmetric, search=search)
+        deq, _ = _deq(q, scale, zp, block)
+        wb = w.reshape(-1, block, 48)
+        weight = np.sqrt((wb**2).mean(axis=1, keepdims=True)) + np.abs(wb)
+        return ((deq.reshape(wb.shape) - wb) ** 2 * weight).sum(axis=1)
+
+    plain, searched = weighted_err(False), weighted_err(True)
+    assert np.all(searched <= plain * (1 + 1e-5) + 1e-12)
+    assert searched.sum() < plain.sum() * 0.98  # and it finds better scales overall
+
+
+@pytest.mark.parametrize("scheme,symmetric,search", [("int8", True, False), ("int4", True, True), ("int4", False, False)])
+def test_fused_matrix_quantizes_exactly_like_its_parts(scheme, symmetric, search):
+    """q/k/v (and gate/up) are one [K, N_q + N_k + N_v] weight now: blocks run along K of each column,
+    so the fused matrix gets bit for bit the values its parts got when they were separate."""
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal((64, n)).astype(np.float32) * 0.1 for n in (16, 8, 8)]
+    fused = quantize_blocks(np.concatenate(parts, axis=1), scheme, 32, symmetric=symmetric, search=search)
+    alone = [quantize_blocks(p, scheme, 32, symmetric=symmetric, search=search) for p in parts]
+    for i in range(2):
+        np.testing.assert_array_equal(fused[i], np.concatenate([a[i] for a in alone], axis=1))
+    assert (fused[2] is None) == all(a[2] is None for a in alone)
+
+
+def test_4bit_packing_matches_onnx():
     vals = np.random.default_rng(1).integers(0, 16, (6, 5)).astype(np.uint8)
-    t = onnx.helper.make_tensor("t", onnx.TensorProto.UINT4, vals.shape, pack_uint4(vals), raw=True)
+    t = onnx.helper.make_tensor("t", onnx.TensorProto.UINT4, vals.shape, pack_int4(vals), raw=True)
     np.testing.assert_array_equal(numpy_helper.to_array(t), vals)
+    signed = np.random.default_rng(2).integers(-8, 8, (5, 5)).astype(np.int8)  # odd count: padded
+    t = onnx.helper.make_tensor("t", onnx.TensorProto.INT4, signed.shape, pack_int4(signed), raw=True)
+    np.testing.assert_array_equal(numpy_helper.to_array(t), signed)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +144,8 @@ def test_onnx_runtime_fuses_the_portable_graph_into_matmulnbits(quantized, tmp_p
     backend = bundle.backend("ort", optimized_model_path=tmp_path / "opt.onnx")
     assert backend is not None
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 2 * 6  # each quantized projection (down_proj and lm_head stay float)
+    # per layer: q/k/v fused, o_proj, gate/up fused (down_proj and the lm_head stay float here)
+    assert ops.count("MatMulNBits") == 2 * 3
     assert "DequantizeLinear" not in ops
 
 

@@ -1,0 +1,160 @@
+"""Quantized accuracy side by side on the default model: qwen2edge int8 / int4 against llama.cpp's
+Q8_0, Q4_0 and Q4_K_M, each scored against the fp32 reference (transformers) on the same token ids.
+
+Sequences and scores: benchmarks/quant_eval.py (the built-in EN/ZH/code/math prompt set; perplexity,
+top-1 agreement with the reference's argmax, mean KL). qwen2edge rows run the exported bundles on
+ONNX Runtime (teacher-forced prefill of each whole sequence); llama.cpp rows run llama-cpp-python
+with every position's logits. The llama.cpp files come from the same checkpoint: F32 / Q8_0 written
+by benchmarks/gguf_writer.py, Q4_0 / Q4_K_M by llama.cpp's own quantizer from the F16 file. The
+fp32 rows of both are the conversion check (they should sit at the reference).
+
+Run in the benchmark venv (benchmarks/README.md):
+    /work/bench-venv/bin/python benchmarks/quant_accuracy.py [--model-dir DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import prepare  # noqa: E402
+import quant_eval  # noqa: E402
+from prepare import Unavailable  # noqa: E402
+
+QWEN2EDGE = ("fp32", "int8", "int4")
+LLAMA = ("F32", "Q8_0", "Q4_0", "Q4_K_M")
+
+
+def default_model(log) -> Path:
+    """The converted default model: converted here if this venv has the GGUF, else the shared cache."""
+    from qwen2edge.exporter.gguf_convert import default_model_dir, ensure_default_model, is_converted
+
+    try:
+        return Path(ensure_default_model(progress=log))
+    except Exception:  # noqa: BLE001 - the GGUF package may live only in the package's own venv
+        d = default_model_dir()
+        if is_converted(d):
+            return d
+        raise
+
+
+def qwen2edge_logits(bundle_dir: Path, threads: int) -> Callable[[list[int]], np.ndarray]:
+    from qwen2edge.runtime.bundle import Bundle
+    from qwen2edge.validation.validate import teacher_forced
+
+    bundle = Bundle.open(bundle_dir, verify=False)
+    backend = bundle.backend("ort", threads=threads)
+    return lambda ids: teacher_forced(backend, ids, [], bundle.max_seq_len, 0)
+
+
+def llama_logits(path: Path, n_ctx: int, threads: int) -> Callable[[list[int]], np.ndarray]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                n_threads_batch=threads, logits_all=True, verbose=False)
+
+    def run(ids: list[int]) -> np.ndarray:
+        llm.reset()
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+    return run
+
+
+def build_rows(work: Path, model_dir: Path, max_len: int, engines: set[str], log) -> list[dict[str, Any]]:
+    from qwen2edge.exporter.export import ExportOptions, export_bundle
+    from qwen2edge.exporter.quantize import QuantizeOptions
+
+    rows: list[dict[str, Any]] = []
+    if not engines or "qwen2edge" in engines:
+        for prec in QWEN2EDGE:
+            out = work / f"qwen2edge-{prec}"
+            if not (out / ".complete").is_file():
+                log(f"exporting qwen2edge {prec} -> {out}")
+                export_bundle(model_dir, out, ExportOptions(max_seq_len=max_len, trt_check=None,
+                                                            quantize=QuantizeOptions(prec) if prec != "fp32" else None),
+                              progress=lambda m: log("  " + m))
+                (out / ".complete").write_text("ok\n")
+            rows.append({"engine": "qwen2edge", "precision": prec, "path": out})
+    if not engines or "llama.cpp" in engines:
+        for kind in LLAMA:
+            row = {"engine": "llama.cpp", "precision": kind, "path": None}
+            try:
+                row["path"] = prepare.gguf_file(work, model_dir, kind, log)
+            except Unavailable as exc:
+                row["why"] = str(exc)
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], ppl_ref: float, positions: int) -> str:
+    head = f"{'engine':<22}{'MB/token':>9}{'ppl':>9}{'ppl delta':>10}{'top-1':>8}{'mean KL':>9}"
+    out = [f"default model, {positions} scored positions (built-in EN/ZH/code/math set), "
+           f"reference transformers fp32 perplexity {ppl_ref:.3f}", head, "-" * len(head)]
+    for r in rows:
+        name = f"{r['engine']} {r['precision']}"
+        if "score" not in r:
+            out.append(f"{name:<22}{'':>9}   unavailable: {r.get('why', 'not run')}")
+            continue
+        s = r["score"]
+        out.append(f"{name:<22}{r['mb_per_token']:>9.1f}{s.ppl:>9.3f}{s.ppl_delta:>+10.2%}{s.top1:>8.1%}{s.kl:>9.4f}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, default=None, help="A Qwen2 checkpoint (default: the default model).")
+    ap.add_argument("--work-dir", type=Path, default=Path(os.environ.get("QWEN2EDGE_BENCH_DIR",
+                                                                       Path.home() / ".cache/qwen2edge/bench")))
+    ap.add_argument("--engines", default="", help="Comma-separated subset: qwen2edge,llama.cpp")
+    ap.add_argument("--continuation", type=int, default=32, help="Greedy reference tokens after each chat prompt.")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    from qwen2edge.validation.reference import HFReference
+
+    model_dir = args.model_dir or default_model(log)
+    work = args.work_dir / f"accuracy-{model_dir.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    ref = HFReference(model_dir)
+    seqs = quant_eval.eval_sequences(model_dir, ref, args.continuation)
+    ref_logits = [ref.logits(ids) for _, ids in seqs]
+    del ref
+    longest = max(len(ids) for _, ids in seqs)
+    engines = {e.strip() for e in args.engines.split(",") if e.strip()}
+    rows = build_rows(work, model_dir, longest + 8, engines, log)
+    for r in rows:
+        if r["path"] is None:
+            continue
+        t = time.perf_counter()
+        try:
+            fn = (qwen2edge_logits(r["path"], args.threads) if r["engine"] == "qwen2edge"
+                  else llama_logits(r["path"], longest + 8, args.threads))
+        except ImportError as exc:
+            r["why"] = f"{exc.name or exc} not installed"
+            continue
+        r["score"] = quant_eval.score(ref_logits, [fn(ids) for _, ids in seqs], seqs)
+        r["mb_per_token"] = (prepare.artifact_weight_bytes(Path(r["path"])) or float("nan")) / 1e6
+        log(f"{r['engine']} {r['precision']}: {r['score']} ({time.perf_counter() - t:.0f}s)")
+    scored = [r["score"] for r in rows if "score" in r]
+    print(table(rows, scored[0].ppl_ref if scored else float("nan"), scored[0].positions if scored else 0))
+    if args.json:
+        args.json.write_text(json.dumps([{k: (v.__dict__ if k == "score" else str(v) if k == "path" else v)
+                                          for k, v in r.items()} for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
