@@ -63,8 +63,9 @@ def _add_tokenizer(w, ckpt: Path, vocab_size: int, cfg: dict) -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(int(cfg.get("bos_token_id") or 151643))
-    w.add_eos_token_id(int(cfg.get("eos_token_id") or 151645))
+    first = lambda v, default: int((v[0] if isinstance(v, list) and v else v) or default)  # noqa: E731
+    w.add_bos_token_id(first(cfg.get("bos_token_id"), 151643))
+    w.add_eos_token_id(first(cfg.get("eos_token_id"), 151645))
     w.add_add_bos_token(False)
 
 

@@ -51,18 +51,19 @@ class Variant:
         return 0.5 + 4 / self.block + (0 if self.symmetric else 0.5 / self.block)
 
 
-VARIANTS = (
+VARIANTS = (  # variants that differ only in the lm_head follow their base: its layers are reused
     Variant("asym b32 min/max (before)", 32, symmetric=False),
-    Variant("sym b32 max->-8", 32),
+    Variant("asym b32 min/max, lm_head int8", 32, symmetric=False, lm_head_int8=True),
+    Variant("sym b32 max", 32),
+    Variant("sym b64 max", 64),
     Variant("asym b32 search", 32, symmetric=False, search=True),
     Variant("sym b32 search", 32, search=True),
-    Variant("sym b32 search act-weighted", 32, search=True, weighted=True),
-    Variant("sym b64 search", 64, search=True),
-    Variant("sym b32 search + AWQ", 32, search=True, awq=True),
     Variant("sym b32 search, lm_head int8", 32, search=True, lm_head_int8=True),
+    Variant("sym b32 search act-weighted", 32, search=True, weighted=True),
+    Variant("sym b32 search + AWQ", 32, search=True, awq=True),
 )
 QUICK = ("asym b32 min/max (before)", "sym b32 search")
-AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75)
+AWQ_ALPHAS = (0.0, 0.5)  # a per group; 0 is no scaling (kept short: the machine is shared)
 
 
 def capture_activations(model, seqs: list[list[int]]) -> dict[str, np.ndarray]:
@@ -116,6 +117,9 @@ def quantize_group(ws: list[np.ndarray], x: np.ndarray | None, v: Variant) -> li
     return out
 
 
+_LAYERS_CACHE: dict = {}  # the last variant's dequantized layer weights, reused when only the lm_head differs
+
+
 def apply_variant(model, original: dict, acts: dict[str, np.ndarray], v: Variant) -> None:
     """Put `v`'s dequantized weights into `model` (original: the fp32 state, name -> numpy)."""
     import torch
@@ -126,8 +130,24 @@ def apply_variant(model, original: dict, acts: dict[str, np.ndarray], v: Variant
         mod = model.get_submodule(name)
         mod.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)))
 
-    n_layers = model.config.num_hidden_layers
-    for i in range(n_layers):
+    key = replace(v, name="", lm_head_int8=False)
+    if key not in _LAYERS_CACHE:
+        _LAYERS_CACHE.clear()
+        _LAYERS_CACHE[key] = _quantize_layers(model, original, acts, v)
+    for name, arr in _LAYERS_CACHE[key].items():
+        put(name, arr)
+    table = original["model.embed_tokens.weight"]  # [V, C]: int8 blocks along C, as the exporter does
+    q, s, _ = quantize_blocks(table.T, "int8", v.block)
+    emb = dequantize_blocks(q, s, None, v.block).T
+    model.model.embed_tokens.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(emb)))
+    head_bits = "int8" if v.lm_head_int8 else "int4"
+    head = _fake(table.T, v, head_bits, (acts["lm_head"].astype(np.float64) ** 2).mean(0) if v.weighted else None)
+    model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(head.T)))
+
+
+def _quantize_layers(model, original: dict, acts: dict[str, np.ndarray], v: Variant) -> dict[str, np.ndarray]:
+    out = {}
+    for i in range(model.config.num_hidden_layers):
         p = f"model.layers.{i}."
         groups = [[p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
                   [p + "mlp.gate_proj", p + "mlp.up_proj"], [p + "self_attn.o_proj"], [p + "mlp.down_proj"]]
@@ -136,15 +156,8 @@ def apply_variant(model, original: dict, acts: dict[str, np.ndarray], v: Variant
             # input is per query head while v is per KV head, so no exact fold exists there.
             vv = replace(v, awq=False) if "o_proj" in names[0] else v
             deqs = quantize_group([original[n + ".weight"] for n in names], acts.get(names[0]), vv)
-            for n, d in zip(names, deqs):
-                put(n, d)
-    table = original["model.embed_tokens.weight"]  # [V, C]: int8 blocks along C, as the exporter does
-    q, s, _ = quantize_blocks(table.T, "int8", v.block)
-    emb = dequantize_blocks(q, s, None, v.block).T
-    model.model.embed_tokens.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(emb)))
-    head_bits = "int8" if v.lm_head_int8 else "int4"
-    head = _fake(table.T, v, head_bits, (acts["lm_head"].astype(np.float64) ** 2).mean(0) if v.weighted else None)
-    model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(head.T)))
+            out.update(zip(names, deqs))
+    return out
 
 
 def run(variants: tuple[Variant, ...], continuation: int, log, model_dir: Path | None = None) -> tuple[list[dict], dict]:

@@ -15,6 +15,7 @@ Run in the benchmark venv (benchmarks/README.md):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -135,8 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     longest = max(len(ids) for _, ids in seqs)
     engines = {e.strip() for e in args.engines.split(",") if e.strip()}
     rows = build_rows(work, model_dir, longest + 8, engines, log)
+    digest = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:12]
     for r in rows:
         if r["path"] is None:
+            continue
+        # Scores are cached per artifact and sequence set (delete the work dir to recompute).
+        st = Path(r["path"]).stat()
+        cache = work / f"score-{r['engine']}-{r['precision']}-{digest}-{st.st_size}-{int(st.st_mtime)}.json"
+        r["mb_per_token"] = (prepare.artifact_weight_bytes(Path(r["path"])) or float("nan")) / 1e6
+        if cache.is_file():
+            r["score"] = quant_eval.Score(**json.loads(cache.read_text()))
             continue
         t = time.perf_counter()
         try:
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             r["why"] = f"{exc.name or exc} not installed"
             continue
         r["score"] = quant_eval.score(ref_logits, [fn(ids) for _, ids in seqs], seqs)
-        r["mb_per_token"] = (prepare.artifact_weight_bytes(Path(r["path"])) or float("nan")) / 1e6
+        cache.write_text(json.dumps(r["score"].__dict__))
         log(f"{r['engine']} {r['precision']}: {r['score']} ({time.perf_counter() - t:.0f}s)")
     scored = [r["score"] for r in rows if "score" in r]
     print(table(rows, scored[0].ppl_ref if scored else float("nan"), scored[0].positions if scored else 0))

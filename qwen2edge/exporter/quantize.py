@@ -8,8 +8,11 @@ the unchanged MatMul. That is plain ai.onnx, so one graph serves every runtime:
     weights stay packed in memory and each decode step reads 0.5 or 1 byte per weight;
   * TensorRT parses blockwise DequantizeLinear for weight-only quantization (untested on TensorRT
     here: no GPU).
-int8 is symmetric (int8, no zero point); int4 is asymmetric (uint4 + a uint4 zero point per
-block), which keeps more of each block's range for the skewed blocks a 4-bit grid suffers from.
+int8 is symmetric (int8, no zero point). int4 by default is symmetric too (int4, no zero point,
+positive scales: TensorRT's int4 type; ONNX Runtime fuses it the same way) with a per-block scale
+search that minimizes a llama.cpp-style weighted squared error; the asymmetric uint4 + zero point
+form stays available (QuantizeOptions.int4_symmetric=False). The choice and its measurements:
+benchmarks/int4_experiments.py and docs/performance.md.
 
 The embedding table (a Gather, one row read per token) is quantized to int8 blocks along the
 hidden axis with plain Gather/Cast/Mul ops, in both modes: it saves memory and file size, not

@@ -107,3 +107,68 @@ def test_chunked_prefill_itl_tiny_prints_each_setting():
     assert [r[0] for r in rows] == ["running", "joins,", "joins,"], out
     at_once, chunked = rows[1], rows[2]
     assert at_once[3] == "1" and int(chunked[4]) > 1, out  # steps: one prefill vs several chunks
+
+
+def _run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_graph_nodes_counts_exported_and_optimized_nodes(tiny_bundle_factory):
+    model_dir, bundle = tiny_bundle_factory("gqa")
+    row = next(line for line in _run("graph_nodes.py", str(bundle)).stdout.splitlines() if line.startswith(bundle.name[:20]))
+    fmt, layers, exported, optimized, per_layer, weight_mms = row.split()[1:7]
+    assert fmt == "fp32" and int(layers) == 2
+    assert int(optimized) < int(exported)  # ONNX Runtime fuses (RMSNorm, transposed MatMuls, ...)
+    assert int(weight_mms) == 2 * 4 + 1  # qkv, o_proj, gate/up, down_proj per layer + lm_head
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_nodes.py"), str(model_dir)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "not a qwen2edge bundle" in proc.stderr
+
+
+@pytest.mark.slow
+def test_artifact_weight_bytes_follow_the_format(tiny_model_factory, tmp_path):
+    """The bandwidth floor's bytes per token are counted from each artifact: GGUF (written by the
+    benchmark's gguf_writer) and qwen2edge bundles of one checkpoint, in the formats' ratios."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import prepare
+    from gguf_writer import write_qwen2_gguf
+
+    from qwen2edge.exporter.export import ExportOptions, export_bundle
+    from qwen2edge.exporter.quantize import QuantizeOptions
+
+    ckpt = tiny_model_factory("gqa")
+    sizes = {}
+    for kind in ("F32", "Q8_0"):
+        write_qwen2_gguf(ckpt, tmp_path / f"m-{kind}.gguf", kind)
+        sizes[kind] = prepare.artifact_weight_bytes(tmp_path / f"m-{kind}.gguf")
+    assert sizes["Q8_0"] / sizes["F32"] == pytest.approx(34 / 128, rel=0.01)
+    for q in ("int8", "int4"):
+        export_bundle(ckpt, tmp_path / q, ExportOptions(max_seq_len=64, trt_check=None, quantize=QuantizeOptions(q)))
+        sizes[q] = prepare.artifact_weight_bytes(tmp_path / q)
+    # int8: 1 byte + a 4-byte scale per 32; int4 (symmetric): half a byte + a 4-byte scale per 32
+    assert sizes["int8"] / sizes["F32"] == pytest.approx((1 + 4 / 32) / 4, rel=0.02)
+    assert sizes["int4"] / sizes["F32"] == pytest.approx((0.5 + 4 / 32) / 4, rel=0.02)
+
+
+@pytest.mark.slow
+def test_int4_experiments_and_quant_accuracy_print_their_tables(tiny_model_factory, tmp_path):
+    ckpt = tiny_model_factory("gqa")
+    out = _run("int4_experiments.py", "--model-dir", str(ckpt), "--variants", "quick", "--continuation", "4").stdout
+    rows = {line[:38].strip(): line[38:].split() for line in out.splitlines()
+            if line.startswith(("asym b32", "sym b32"))}
+    assert set(rows) == {"asym b32 min/max (before)", "sym b32 search"}, out
+    for ppl, delta, top1, kl, mb, mb05 in rows.values():
+        assert float(ppl) > 0 and 0 < float(top1.rstrip("%")) <= 100 and float(kl) >= 0 and float(mb) > 0
+    assert float(rows["sym b32 search"][4]) < float(rows["asym b32 min/max (before)"][4])  # no zero points
+    out = _run("quant_accuracy.py", "--model-dir", str(ckpt), "--work-dir", str(tmp_path), "--continuation", "4",
+               "--engines", "qwen2edge,llama.cpp").stdout
+    lines = {" ".join(line.split()[:2]): line for line in out.splitlines() if line.startswith(("qwen2edge", "llama.cpp"))}
+    fp32, int4 = lines["qwen2edge fp32"].split(), lines["qwen2edge int4"].split()
+    assert abs(float(fp32[4].rstrip("%"))) < 0.1 and float(fp32[5].rstrip("%")) == 100.0  # fp32 bundle == reference
+    assert float(int4[2]) < float(fp32[2]) / 3  # MB/token: int4 reads far fewer bytes
+    for kind in ("Q8_0", "Q4_0", "Q4_K_M"):  # llama.cpp rows are present, scored or saying why not
+        line = lines[f"llama.cpp {kind}"]
+        assert "unavailable:" in line or len(line.split()) == 8, line
