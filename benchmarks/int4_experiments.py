@@ -55,10 +55,10 @@ VARIANTS = (  # variants that differ only in the lm_head follow their base: its 
     Variant("asym b32 min/max (before)", 32, symmetric=False),
     Variant("asym b32 min/max, lm_head int8", 32, symmetric=False, lm_head_int8=True),
     Variant("sym b32 max", 32),
-    Variant("sym b64 max", 64),
     Variant("asym b32 search", 32, symmetric=False, search=True),
     Variant("sym b32 search", 32, search=True),
     Variant("sym b32 search, lm_head int8", 32, search=True, lm_head_int8=True),
+    Variant("sym b64 max", 64),
     Variant("sym b32 search act-weighted", 32, search=True, weighted=True),
     Variant("sym b32 search + AWQ", 32, search=True, awq=True),
 )
@@ -160,7 +160,8 @@ def _quantize_layers(model, original: dict, acts: dict[str, np.ndarray], v: Vari
     return out
 
 
-def run(variants: tuple[Variant, ...], continuation: int, log, model_dir: Path | None = None) -> tuple[list[dict], dict]:
+def run(variants: tuple[Variant, ...], continuation: int, log, model_dir: Path | None = None,
+        on_row=lambda rows, info: None) -> tuple[list[dict], dict]:
     import torch
 
     from qwen2edge.exporter.gguf_convert import ensure_default_model
@@ -174,7 +175,10 @@ def run(variants: tuple[Variant, ...], continuation: int, log, model_dir: Path |
     ref_logits = [ref.logits(ids) for _, ids in seqs]
     original = {k: t.detach().float().numpy().copy() for k, t in model.state_dict().items()}
     acts = capture_activations(model, quant_eval.calibration_sequences(model_dir))
-    rows = []
+    rows: list[dict] = []
+    info = {"model": str(model_dir), "positions": 0, "ppl_ref": float("nan"),
+            "fp32_mb_per_token": quant_eval.weight_mb_per_token(cfg, 4.0),
+            "fp32_mb_per_token_05b": quant_eval.weight_mb_per_token(QWEN2_05B_CFG, 4.0)}
     for v in variants:
         t = time.perf_counter()
         apply_variant(model, original, acts, v)
@@ -184,13 +188,11 @@ def run(variants: tuple[Variant, ...], continuation: int, log, model_dir: Path |
         rows.append({"variant": asdict(v), "score": asdict(sc),
                      "mb_per_token": quant_eval.weight_mb_per_token(cfg, v.bytes_per_weight(), head),
                      "mb_per_token_05b": quant_eval.weight_mb_per_token(QWEN2_05B_CFG, v.bytes_per_weight(), head)})
+        info.update(positions=sc.positions, ppl_ref=sc.ppl_ref)
         log(f"{v.name}: ppl {sc.ppl:.3f} ({sc.ppl_delta:+.2%}), top-1 {sc.top1:.1%}, KL {sc.kl:.4f} "
             f"({time.perf_counter() - t:.0f}s)")
+        on_row(rows, info)
     torch.set_grad_enabled(True)
-    info = {"model": str(model_dir), "positions": rows[0]["score"]["positions"] if rows else 0,
-            "ppl_ref": rows[0]["score"]["ppl_ref"] if rows else float("nan"),
-            "fp32_mb_per_token": quant_eval.weight_mb_per_token(cfg, 4.0),
-            "fp32_mb_per_token_05b": quant_eval.weight_mb_per_token(QWEN2_05B_CFG, 4.0)}
     return rows, info
 
 
@@ -210,20 +212,22 @@ def table(rows: list[dict], info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="all", help="all, quick, or comma-separated variant names")
+    ap.add_argument("--variants", default="all", help="all, quick, or variant names separated by ';'")
     ap.add_argument("--continuation", type=int, default=32, help="Greedy tokens after each chat prompt.")
     ap.add_argument("--model-dir", type=Path, default=None, help="A Qwen2 checkpoint (default: the default model).")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    wanted = {"all": [v.name for v in VARIANTS], "quick": QUICK}.get(args.variants, args.variants.split(","))
+    wanted = {"all": [v.name for v in VARIANTS], "quick": QUICK}.get(args.variants, args.variants.split(";"))
     variants = tuple(v for v in VARIANTS if v.name in wanted)
     if not variants:
         ap.error(f"--variants {args.variants!r} names none of: {', '.join(v.name for v in VARIANTS)}")
-    rows, info = run(variants, args.continuation, log, args.model_dir)
+    def save(rows: list[dict], info: dict) -> None:  # after every variant: a long run keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+
+    rows, info = run(variants, args.continuation, log, args.model_dir, save)
     print(table(rows, info))
-    if args.json:
-        args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
     return 0
 
 

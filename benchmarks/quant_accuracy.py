@@ -73,6 +73,19 @@ def llama_logits(path: Path, n_ctx: int, threads: int) -> Callable[[list[int]], 
     return run
 
 
+def llama_probe(path: Path, threads: int) -> str | None:
+    """Load the GGUF and evaluate a few tokens in a child process: a llama.cpp crash (this build
+    segfaults on some quantized files) marks the row instead of ending the script."""
+    import subprocess
+
+    code = ("import sys; from llama_cpp import Llama; llm = Llama(model_path=sys.argv[1], n_ctx=16, n_batch=16, "
+            "n_threads=int(sys.argv[2]), logits_all=True, verbose=False); llm.eval([1, 2, 3])")
+    res = subprocess.run([sys.executable, "-c", code, str(path), str(threads)], capture_output=True, text=True)
+    if res.returncode == 0:
+        return None
+    return f"llama.cpp crashed evaluating {path.name} (exit {res.returncode}{', segfault' if res.returncode in (-11, 139) else ''})"
+
+
 def build_rows(work: Path, model_dir: Path, max_len: int, engines: set[str], log) -> list[dict[str, Any]]:
     from qwen2edge.exporter.export import ExportOptions, export_bundle
     from qwen2edge.exporter.quantize import QuantizeOptions
@@ -148,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             r["score"] = quant_eval.Score(**json.loads(cache.read_text()))
             continue
         t = time.perf_counter()
+        if r["engine"] == "llama.cpp":
+            r["why"] = llama_probe(Path(r["path"]), args.threads)
+            if r["why"]:
+                log(f"{r['engine']} {r['precision']}: {r['why']}")
+                continue
         try:
             fn = (qwen2edge_logits(r["path"], args.threads) if r["engine"] == "qwen2edge"
                   else llama_logits(r["path"], longest + 8, args.threads))

@@ -35,9 +35,9 @@ TRACE_OPSET = 20  # the TorchScript exporter's newest; 20 -> 21 only widened typ
 FLOAT_TYPES = (1, 10)  # TensorProto.FLOAT, FLOAT16
 # The int4 default, chosen from measured perplexity / top-1 vs bytes per token on the default model
 # (benchmarks/int4_experiments.py; the table and the reasoning are in docs/performance.md).
-INT4_SYMMETRIC = True
-INT4_SEARCH = True
-INT4_LM_HEAD_INT8 = False
+INT4_SYMMETRIC = False
+INT4_SEARCH = False
+INT4_LM_HEAD_INT8 = True
 
 Progress = Callable[[str], None]
 

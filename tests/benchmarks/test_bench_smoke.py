@@ -148,9 +148,18 @@ def test_artifact_weight_bytes_follow_the_format(tiny_model_factory, tmp_path):
     for q in ("int8", "int4"):
         export_bundle(ckpt, tmp_path / q, ExportOptions(max_seq_len=64, trt_check=None, quantize=QuantizeOptions(q)))
         sizes[q] = prepare.artifact_weight_bytes(tmp_path / q)
-    # int8: 1 byte + a 4-byte scale per 32; int4 (symmetric): half a byte + a 4-byte scale per 32
+    # per weight: int8 1 byte + a 4-byte scale per 32; int4 half a byte + a 4-byte scale (+ half a byte of
+    # zero point when asymmetric) per 32; the int4 default keeps the lm_head int8
+    import json
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    head = cfg["hidden_size"] * cfg["vocab_size"]
+    layers = sizes["F32"] / 4 - head
+    opts = QuantizeOptions("int4")
+    int4 = 0.5 + 4 / 32 + (0 if opts.int4_symmetric else 0.5 / 32)
+    head_int4 = (1 + 4 / 32) if opts.int4_lm_head_int8 else int4
     assert sizes["int8"] / sizes["F32"] == pytest.approx((1 + 4 / 32) / 4, rel=0.02)
-    assert sizes["int4"] / sizes["F32"] == pytest.approx((0.5 + 4 / 32) / 4, rel=0.02)
+    assert sizes["int4"] == pytest.approx(layers * int4 + head * head_int4, rel=0.02)
 
 
 @pytest.mark.slow
