@@ -31,7 +31,8 @@ def test_bench_decode_tiny_prints_the_table(tmp_path):
     # int8/int4 bundles are smaller than fp32 on disk
     sizes = {p: float(next(l for l in out.splitlines() if l.startswith(f"qwen2edge {p}")).split()[2])
              for p in ("fp32", "int8", "int4")}
-    assert sizes["int4"] < sizes["int8"] < sizes["fp32"], sizes
+    # (int4 ~ int8 here: this tiny model is almost all embedding + lm_head, both int8 in an int4 bundle)
+    assert sizes["int4"] <= sizes["int8"] < sizes["fp32"], sizes
 
 
 @pytest.mark.slow
@@ -170,7 +171,8 @@ def test_int4_experiments_and_quant_accuracy_print_their_tables(tiny_model_facto
             if line.startswith(("asym b32", "sym b32"))}
     assert set(rows) == {"asym b32 min/max (before)", "sym b32 search"}, out
     for ppl, delta, top1, kl, mb, mb05 in rows.values():
-        assert float(ppl) > 0 and 0 < float(top1.rstrip("%")) <= 100 and float(kl) >= 0 and float(mb) > 0
+        # (a random tiny model's logits are near-flat: int4 may flip every argmax, so top-1 can be 0)
+        assert float(ppl) > 0 and 0 <= float(top1.rstrip("%")) <= 100 and float(kl) > 0 and float(mb) > 0
     assert float(rows["sym b32 search"][4]) < float(rows["asym b32 min/max (before)"][4])  # no zero points
     out = _run("quant_accuracy.py", "--model-dir", str(ckpt), "--work-dir", str(tmp_path), "--continuation", "4",
                "--engines", "qwen2edge,llama.cpp").stdout
