@@ -54,9 +54,8 @@ def qwen2edge_logits(bundle_dir: Path, threads: int) -> Callable[[list[int]], np
     from qwen2edge.runtime.bundle import Bundle
     from qwen2edge.validation.validate import teacher_forced
 
-    bundle = Bundle.open(bundle_dir, verify=False)
-    backend = bundle.backend("ort", threads=threads)
-    return lambda ids: teacher_forced(backend, ids, [], bundle.max_seq_len, 0)
+    gen = Bundle.open(bundle_dir, verify=False).generator("ort", threads=threads)
+    return lambda ids: teacher_forced(gen, ids, [])
 
 
 def llama_logits(path: Path, n_ctx: int, threads: int) -> Callable[[list[int]], np.ndarray]:
@@ -112,9 +111,9 @@ def build_rows(work: Path, model_dir: Path, max_len: int, engines: set[str], log
     return rows
 
 
-def table(rows: list[dict[str, Any]], ppl_ref: float, positions: int) -> str:
-    head = f"{'engine':<22}{'MB/token':>9}{'ppl':>9}{'ppl delta':>10}{'top-1':>8}{'mean KL':>9}"
-    out = [f"default model, {positions} scored positions (built-in EN/ZH/code/math set), "
+def table(rows: list[dict[str, Any]], model: str, ppl_ref: float, positions: int) -> str:
+    head = f"{'engine':<22}{'MB/token':>9} {'ppl':>11}{'ppl delta':>10}{'top-1':>8}{'mean KL':>9}"
+    out = [f"{model}, {positions} scored positions (built-in EN/ZH/code/math set), "
            f"reference transformers fp32 perplexity {ppl_ref:.3f}", head, "-" * len(head)]
     for r in rows:
         name = f"{r['engine']} {r['precision']}"
@@ -122,7 +121,7 @@ def table(rows: list[dict[str, Any]], ppl_ref: float, positions: int) -> str:
             out.append(f"{name:<22}{'':>9}   unavailable: {r.get('why', 'not run')}")
             continue
         s = r["score"]
-        out.append(f"{name:<22}{r['mb_per_token']:>9.1f}{s.ppl:>9.3f}{s.ppl_delta:>+10.2%}{s.top1:>8.1%}{s.kl:>9.4f}")
+        out.append(f"{name:<22}{r['mb_per_token']:>9.1f} {s.ppl:>11.3f}{s.ppl_delta:>+10.2%}{s.top1:>8.1%}{s.kl:>9.4f}")
     return "\n".join(out)
 
 
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         cache.write_text(json.dumps(r["score"].__dict__))
         log(f"{r['engine']} {r['precision']}: {r['score']} ({time.perf_counter() - t:.0f}s)")
     scored = [r["score"] for r in rows if "score" in r]
-    print(table(rows, scored[0].ppl_ref if scored else float("nan"), scored[0].positions if scored else 0))
+    print(table(rows, model_dir.name, scored[0].ppl_ref if scored else float("nan"), scored[0].positions if scored else 0))
     if args.json:
         args.json.write_text(json.dumps([{k: (v.__dict__ if k == "score" else str(v) if k == "path" else v)
                                           for k, v in r.items()} for r in rows], indent=2))
