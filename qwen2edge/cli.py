@@ -157,18 +157,23 @@ def main(ctx: click.Context, verbose: bool) -> None:
               help="Weights per quantization block (along the reduction axis).")
 @click.option("--quantize-embeddings/--no-quantize-embeddings", default=True, show_default=True,
               help="Also quantize the lm_head (int8/int4) and the embedding table (int8).")
+@click.option("--int4-weights", type=click.Choice(["asymmetric", "symmetric"]), default=None,
+              help="int4 grid: asymmetric (uint4 + a zero point per block; best measured accuracy) or symmetric "
+                   "(int4, no zero point: what TensorRT's parser takes). [default: asymmetric]")
+@click.option("--int4-lm-head", type=click.Choice(["int8", "int4"]), default=None,
+              help="The lm_head MatMul of an int4 bundle (int8: more accurate, more bytes). [default: int8]")
 @click.option("--debug-hidden-states", is_flag=True,
               help="Debug export: also output every layer's hidden state (for `compare`); not for shipping.")
 @overwrite_option
 def export(model_dir: str, out_dir: str, max_seq_len: int | None, dtype: str, opset: int, trt_check: str,
-           quantize: str | None, block_size: str, quantize_embeddings: bool, debug_hidden_states: bool,
-           overwrite: bool, **long_context: Any) -> None:
+           quantize: str | None, block_size: str, quantize_embeddings: bool, int4_weights: str | None,
+           int4_lm_head: str | None, debug_hidden_states: bool, overwrite: bool, **long_context: Any) -> None:
     """Export a Qwen2 checkpoint directory to an ONNX bundle (YaRN / DCA / quantization optional)."""
     from .config import LongContextOverrides
     from .exporter.export import ExportOptions, export_bundle
     from .exporter.quantize import QuantizeOptions
 
-    quant = QuantizeOptions(quantize, int(block_size), quantize_embeddings) if quantize else None
+    quant = QuantizeOptions.from_flags(quantize, int(block_size), quantize_embeddings, int4_weights, int4_lm_head)
     options = ExportOptions(max_seq_len=max_seq_len, dtype=dtype, opset=opset,
                             trt_check=None if trt_check == "none" else trt_check, quantize=quant,
                             debug_hidden_states=debug_hidden_states, long_context=LongContextOverrides(**long_context))

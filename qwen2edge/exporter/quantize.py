@@ -8,11 +8,12 @@ the unchanged MatMul. That is plain ai.onnx, so one graph serves every runtime:
     weights stay packed in memory and each decode step reads 0.5 or 1 byte per weight;
   * TensorRT parses blockwise DequantizeLinear for weight-only quantization (untested on TensorRT
     here: no GPU).
-int8 is symmetric (int8, no zero point). int4 by default is symmetric too (int4, no zero point,
-positive scales: TensorRT's int4 type; ONNX Runtime fuses it the same way) with a per-block scale
-search that minimizes a llama.cpp-style weighted squared error; the asymmetric uint4 + zero point
-form stays available (QuantizeOptions.int4_symmetric=False). The choice and its measurements:
-benchmarks/int4_experiments.py and docs/performance.md.
+int8 is symmetric (int8, no zero point). int4 comes in two grids: asymmetric uint4 with a uint4 zero
+point per block (the default: the best measured on the default model) or symmetric int4 without a
+zero point (positive scales: the form TensorRT's parser takes). By default the lm_head MatMul of an
+int4 bundle is int8. A per-block least-squares scale search (llama.cpp-style) is available to the
+library (QuantizeOptions.int4_search) but measured worse, so the command line does not offer it. The
+measurements: benchmarks/int4_experiments.py and docs/performance.md.
 
 The embedding table (a Gather, one row read per token) is quantized to int8 blocks along the
 hidden axis with plain Gather/Cast/Mul ops, in both modes: it saves memory and file size, not
@@ -38,6 +39,8 @@ FLOAT_TYPES = (1, 10)  # TensorProto.FLOAT, FLOAT16
 INT4_SYMMETRIC = False
 INT4_SEARCH = False
 INT4_LM_HEAD_INT8 = True
+INT4_WEIGHTS = ("asymmetric", "symmetric")  # --int4-weights: int4_symmetric False / True
+LM_HEAD_FORMATS = ("int8", "int4")  # --int4-lm-head: int4_lm_head_int8 True / False
 
 Progress = Callable[[str], None]
 
@@ -54,11 +57,35 @@ class QuantizeOptions:
     int4_search: bool = INT4_SEARCH  # per-block least-squares scale search (llama.cpp-style)
     int4_lm_head_int8: bool = INT4_LM_HEAD_INT8  # int4 bundles keep the lm_head MatMul in int8
 
+    @classmethod
+    def from_flags(cls, scheme: str | None, block_size: int = 32, embeddings: bool = True,
+                   int4_weights: str | None = None, int4_lm_head: str | None = None) -> "QuantizeOptions | None":
+        """The export options as the command line gives them (None: not asked for); the int4 choices
+        left unset take the measured defaults, and one given without int4 is refused."""
+        given = [name for name, v in (("int4_weights", int4_weights), ("int4_lm_head", int4_lm_head)) if v is not None]
+        if given and scheme != "int4":
+            raise InputError(f"{{opt:{given[0]}}} applies to {{opt:quantize}} int4 only: drop it or pass "
+                             "{opt:quantize} int4")
+        if int4_lm_head is not None and not embeddings:
+            raise InputError("{opt:int4_lm_head} needs {opt:quantize_embeddings} (without it the lm_head stays "
+                             "float): drop one of them")
+        if int4_weights is not None and int4_weights not in INT4_WEIGHTS:
+            raise InputError(f"unknown {{opt:int4_weights}} {int4_weights!r}: pass {' or '.join(INT4_WEIGHTS)}")
+        if int4_lm_head is not None and int4_lm_head not in LM_HEAD_FORMATS:
+            raise InputError(f"unknown {{opt:int4_lm_head}} {int4_lm_head!r}: pass {' or '.join(LM_HEAD_FORMATS)}")
+        if scheme is None:
+            return None
+        options = cls(scheme, block_size, embeddings,
+                      int4_symmetric=INT4_SYMMETRIC if int4_weights is None else int4_weights == "symmetric",
+                      int4_lm_head_int8=INT4_LM_HEAD_INT8 if int4_lm_head is None else int4_lm_head == "int8")
+        options.check()
+        return options
+
     def check(self) -> None:
         if self.scheme not in SCHEMES:
-            raise InputError(f"unknown --quantize {self.scheme!r}: pass --quantize int8 or int4")
+            raise InputError(f"unknown {{opt:quantize}} {self.scheme!r}: pass {{opt:quantize}} int8 or int4")
         if self.block_size not in BLOCK_SIZES:
-            raise InputError(f"--block-size {self.block_size} is not supported: pass one of "
+            raise InputError(f"{{opt:block_size}} {self.block_size} is not supported: pass one of "
                              f"{', '.join(map(str, BLOCK_SIZES))}")
 
     def weight_format(self, lm_head: bool = False) -> str:

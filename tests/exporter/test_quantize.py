@@ -3,6 +3,7 @@ fusion of that graph into MatMulNBits, and the bundle's outputs against the fp32
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -178,3 +179,57 @@ def test_cli_rejects_bad_quantize_options(tiny_model_factory, tmp_path):
     proc = run_cli("export", str(model_dir), "-o", str(tmp_path / "o"), "--quantize", "int8", "--dtype", "fp16")
     assert_one_line_error(proc, 2, "--quantize needs --dtype fp32")
     assert not (tmp_path / "o").exists()
+
+
+def _weight_types(bundle_dir: Path) -> dict[str, set[int]]:
+    """Element types of the DequantizeLinear inputs: 'q' (the weights) and 'zp', split by lm_head or not."""
+    model = onnx.load(str(bundle_dir / "model.onnx"))
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    out: dict[str, set[int]] = {"layers": set(), "lm_head": set(), "zp": set()}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in types and "embed" not in n.input[0]:
+            out["lm_head" if "lm_head" in n.name else "layers"].add(types[n.input[0]])
+            if len(n.input) > 2:
+                out["zp"].add(types[n.input[2]])
+    return out
+
+
+@pytest.mark.slow
+def test_cli_int4_choices_reach_the_graph_and_the_manifest(tiny_model_factory, tmp_path):
+    """`export --quantize int4`: by default the measured choice (uint4 + zero points, lm_head int8);
+    --int4-weights symmetric --int4-lm-head int4 gives int4 without zero points everywhere."""
+    from onnx import TensorProto
+
+    model_dir = tiny_model_factory("gqa")
+    runs = {"default": [], "sym": ["--int4-weights", "symmetric", "--int4-lm-head", "int4"]}
+    for name, flags in runs.items():
+        proc = run_cli("export", str(model_dir), "-o", str(tmp_path / name), "--quantize", "int4", "--max-seq-len", "64",
+                       "--trt-check", "none", *flags)
+        assert proc.returncode == 0, proc.stderr
+    default, sym = (Bundle.open(tmp_path / n).manifest.quantization for n in runs)
+    assert default.details["int4"] == {"symmetric": False, "scale_search": False, "lm_head_int8": True}
+    assert default.details["lm_head"] == "int8"
+    assert sym.details["int4"] == {"symmetric": True, "scale_search": False, "lm_head_int8": False}
+    assert sym.details["lm_head"] == "int4"
+    assert _weight_types(tmp_path / "default") == {"layers": {TensorProto.UINT4}, "lm_head": {TensorProto.INT8},
+                                                   "zp": {TensorProto.UINT4}}
+    assert _weight_types(tmp_path / "sym") == {"layers": {TensorProto.INT4}, "lm_head": {TensorProto.INT4}, "zp": set()}
+
+
+def test_cli_int4_flags_need_int4_and_document_the_defaults(tiny_model_factory, tmp_path):
+    from qwen2edge.exporter.quantize import INT4_LM_HEAD_INT8, INT4_SYMMETRIC
+
+    model_dir = tiny_model_factory("gqa")
+    out = str(tmp_path / "o")
+    proc = run_cli("export", str(model_dir), "-o", out, "--quantize", "int8", "--int4-weights", "symmetric")
+    assert_one_line_error(proc, 2, "--int4-weights applies to --quantize int4 only")
+    proc = run_cli("export", str(model_dir), "-o", out, "--int4-lm-head", "int4")
+    assert_one_line_error(proc, 2, "--int4-lm-head applies to --quantize int4 only")
+    proc = run_cli("export", str(model_dir), "-o", out, "--quantize", "int4", "--int4-lm-head", "int8",
+                   "--no-quantize-embeddings")
+    assert_one_line_error(proc, 2, "--int4-lm-head needs --quantize-embeddings")
+    assert not (tmp_path / "o").exists()
+    help_text = " ".join(run_cli("export", "--help").stdout.split())
+    assert f"[default: {'symmetric' if INT4_SYMMETRIC else 'asymmetric'}]" in help_text
+    assert f"[default: {'int8' if INT4_LM_HEAD_INT8 else 'int4'}]" in help_text
+
