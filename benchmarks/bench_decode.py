@@ -85,6 +85,8 @@ def run_one(row: Row, args: argparse.Namespace) -> dict[str, float] | str:
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode < 0 and row.engine == "llama.cpp":
+        return prepare.llama_crash(res.returncode)
     if res.returncode != 0 or not lines:
         tail = (res.stderr or res.stdout).strip().splitlines()
         return f"failed: {tail[-1][:140] if tail else 'exit ' + str(res.returncode)}"
@@ -126,6 +128,29 @@ def table(rows: list[Row], cfg: dict[str, Any], bandwidth: float) -> str:
         size = prepare.model_mb(r.path) if r.path else float("nan")
         out.append(f"{r.name:<26}{size:>9.0f}{per_token / 1e6:>9.0f}{ttft:>9.0f}{tps:>13.2f}{floor:>12.1f}{tps / floor:>8.0%}"
                    f"{r.median('peak_rss_mb'):>12.0f}   {ratio}")
+    return "\n".join(out)
+
+
+# Issue #16's decode targets: our row at least as fast as llama.cpp's of the same width.
+DECODE_TARGETS = (("qwen2edge int4", "llama.cpp Q4_0"), ("qwen2edge int8", "llama.cpp Q8_0"),
+                  ("qwen2edge fp32", "llama.cpp F32"))
+
+
+def verdicts(rows: list[Row]) -> str:
+    """One line per target: decode against llama.cpp at each width, TTFT against the best peer of that width."""
+    ran = {r.name: r for r in rows if r.runs}
+    out = []
+    for ours, peer in DECODE_TARGETS:
+        if ours in ran and peer in ran:
+            a, b = ran[ours].median("decode_tps"), ran[peer].median("decode_tps")
+            out.append(f"decode {ours} >= {peer}: {'met' if a >= b else 'not met'} ({a:.2f} vs {b:.2f} tok/s, {a / b:.2f}x)")
+    for r in (r for r in rows if r.ours and r.runs):
+        peers = [p for p in rows if not p.ours and p.runs and matched(p, rows) is r]
+        if peers:
+            best = min(peers, key=lambda p: p.median("ttft_s"))
+            a, b = r.median("ttft_s") * 1000, best.median("ttft_s") * 1000
+            out.append(f"TTFT {r.name} <= best peer of its width ({best.name}): {'met' if a <= b else 'not met'} "
+                       f"({a:.0f} vs {b:.0f} ms)")
     return "\n".join(out)
 
 
@@ -191,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s before, {bandwidth_after / 1e9:.1f} GB/s after "
           f"(floor uses {bw / 1e9:.1f}); floor tok/s = bandwidth / weight bytes per token (MB/token, counted from each artifact)")
     print(table(rows, cfg, bw))
+    print(verdicts(rows))
     busy = max(load_before, load_after) > 0.5 * cores() + 0.5
     print(f"load average {load_before:.2f} before, {load_after:.2f} after, {cores()} cores"
           + ("  WARNING: the machine was busy; timings are unreliable, re-run on a quiet machine" if busy else ""))

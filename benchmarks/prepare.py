@@ -6,6 +6,7 @@ Every builder returns a path, or raises Unavailable with the reason the table pr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,13 +34,23 @@ class Unavailable(Exception):
 Log = Callable[[str], None]
 
 
-def _done(path: Path) -> bool:
-    return (path / ".complete").is_file()
+def _done(path: Path, stamp: str = "ok") -> bool:
+    marker = path / ".complete"
+    return marker.is_file() and marker.read_text().strip() == stamp
 
 
-def _mark(path: Path) -> Path:
-    (path / ".complete").write_text("ok\n")
+def _mark(path: Path, stamp: str = "ok") -> Path:
+    (path / ".complete").write_text(stamp + "\n")
     return path
+
+
+def exporter_fingerprint() -> str:
+    """A hash of the code that writes a bundle: a cached bundle that other code exported is rebuilt."""
+    h = hashlib.sha256()
+    for d in ("qwen2edge/graphs", "qwen2edge/exporter", "qwen2edge/positions"):
+        for f in sorted((ROOT / d).rglob("*.py")):
+            h.update(f.relative_to(ROOT).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def checkpoint(work: Path, shape: dict[str, Any], log: Log) -> Path:
@@ -86,12 +97,14 @@ def bundle(work: Path, ckpt: Path, quant: str | None, max_seq_len: int, log: Log
     from qwen2edge.exporter.quantize import QuantizeOptions
 
     out = work / f"qwen2edge-{quant or 'fp32'}"
-    if _done(out):
+    stamp = f"exporter {exporter_fingerprint()} max_seq_len {max_seq_len}"
+    if _done(out, stamp):
         return out
     log(f"exporting qwen2edge {quant or 'fp32'} -> {out}")
-    export_bundle(ckpt, out, ExportOptions(max_seq_len=max_seq_len, quantize=QuantizeOptions(quant) if quant else None),
+    export_bundle(ckpt, out, ExportOptions(max_seq_len=max_seq_len, trt_check=None,
+                                           quantize=QuantizeOptions(quant) if quant else None),
                   progress=lambda m: log("  " + m))
-    return _mark(out)
+    return _mark(out, stamp)
 
 
 def genai_model(work: Path, ckpt: Path, precision: str, log: Log) -> Path:
@@ -164,6 +177,21 @@ def gguf_file(work: Path, ckpt: Path, kind: str, log: Log) -> Path:
         write_qwen2_gguf(ckpt, tmp, kind)
     tmp.replace(out)
     return out
+
+
+def llama_crash(returncode: int) -> str:
+    """Why a child running llama.cpp died, naming the known cause on this kind of CPU."""
+    why = f"llama.cpp crashed (signal {-returncode})" if returncode < 0 else f"llama.cpp exited with {returncode}"
+    try:
+        amx = "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        amx = False
+    if returncode == -11 and amx:
+        # GCC 12.2's _tile_loadconfig tells the compiler it reads 8 bytes, so the stores that fill the
+        # AMX tile config are dropped; ldtilecfg then faults on the first Q4_0/Q4_K/Q8_0 matmul.
+        why += ("; this CPU has AMX and llama.cpp built with GCC 12 loads an invalid tile config: "
+                "rebuild llama-cpp-python with clang (benchmarks/README.md)")
+    return why
 
 
 def llama_quantize(src: Path, dst: Path, kind: str, threads: int = 0) -> None:

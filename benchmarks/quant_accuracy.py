@@ -73,33 +73,22 @@ def llama_logits(path: Path, n_ctx: int, threads: int) -> Callable[[list[int]], 
 
 
 def llama_probe(path: Path, threads: int) -> str | None:
-    """Load the GGUF and evaluate a few tokens in a child process: a llama.cpp crash (this build
-    segfaults on some quantized files) marks the row instead of ending the script."""
+    """Load the GGUF and evaluate a few tokens in a child process: a llama.cpp crash (e.g. a GCC 12 build
+    on an AMX CPU, prepare.llama_crash) marks the row with its cause instead of ending the script."""
     import subprocess
 
     code = ("import sys; from llama_cpp import Llama; llm = Llama(model_path=sys.argv[1], n_ctx=16, n_batch=16, "
             "n_threads=int(sys.argv[2]), logits_all=True, verbose=False); llm.eval([1, 2, 3])")
     res = subprocess.run([sys.executable, "-c", code, str(path), str(threads)], capture_output=True, text=True)
-    if res.returncode == 0:
-        return None
-    return f"llama.cpp crashed evaluating {path.name} (exit {res.returncode}{', segfault' if res.returncode in (-11, 139) else ''})"
+    return None if res.returncode == 0 else f"{path.name}: {prepare.llama_crash(res.returncode)}"
 
 
 def build_rows(work: Path, model_dir: Path, max_len: int, engines: set[str], log) -> list[dict[str, Any]]:
-    from qwen2edge.exporter.export import ExportOptions, export_bundle
-    from qwen2edge.exporter.quantize import QuantizeOptions
-
     rows: list[dict[str, Any]] = []
     if not engines or "qwen2edge" in engines:
         for prec in QWEN2EDGE:
-            out = work / f"qwen2edge-{prec}"
-            if not (out / ".complete").is_file():
-                log(f"exporting qwen2edge {prec} -> {out}")
-                export_bundle(model_dir, out, ExportOptions(max_seq_len=max_len, trt_check=None,
-                                                            quantize=QuantizeOptions(prec) if prec != "fp32" else None),
-                              progress=lambda m: log("  " + m))
-                (out / ".complete").write_text("ok\n")
-            rows.append({"engine": "qwen2edge", "precision": prec, "path": out})
+            path = prepare.bundle(work, model_dir, None if prec == "fp32" else prec, max_len, log)
+            rows.append({"engine": "qwen2edge", "precision": prec, "path": path})
     if not engines or "llama.cpp" in engines:
         for kind in LLAMA:
             row = {"engine": "llama.cpp", "precision": kind, "path": None}
@@ -123,6 +112,16 @@ def table(rows: list[dict[str, Any]], model: str, ppl_ref: float, positions: int
         s = r["score"]
         out.append(f"{name:<22}{r['mb_per_token']:>9.1f} {s.ppl:>11.3f}{s.ppl_delta:>+10.2%}{s.top1:>8.1%}{s.kl:>9.4f}")
     return "\n".join(out)
+
+
+def verdict(rows: list[dict[str, Any]]) -> str:
+    """Issue #16's accuracy target: qwen2edge int4's perplexity delta no worse than llama.cpp Q4_K_M's."""
+    got = {f"{r['engine']} {r['precision']}": r["score"] for r in rows if "score" in r}
+    ours, peer = got.get("qwen2edge int4"), got.get("llama.cpp Q4_K_M")
+    if ours is None or peer is None:
+        return "int4 perplexity delta <= llama.cpp Q4_K_M's: not measured (a row is unavailable)"
+    met = "met" if ours.ppl_delta <= peer.ppl_delta else "not met"
+    return f"int4 perplexity delta <= llama.cpp Q4_K_M's: {met} ({ours.ppl_delta:+.2%} vs {peer.ppl_delta:+.2%})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{r['engine']} {r['precision']}: {r['score']} ({time.perf_counter() - t:.0f}s)")
     scored = [r["score"] for r in rows if "score" in r]
     print(table(rows, model_dir.name, scored[0].ppl_ref if scored else float("nan"), scored[0].positions if scored else 0))
+    print(verdict(rows))
     if args.json:
         args.json.write_text(json.dumps([{k: (v.__dict__ if k == "score" else str(v) if k == "path" else v)
                                           for k, v in r.items()} for r in rows], indent=2))
