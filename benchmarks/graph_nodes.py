@@ -26,8 +26,10 @@ def count(bundle_dir: Path, threads: int = 1) -> dict:
     import onnx
     import onnxruntime as ort
 
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    model_path = bundle_dir / manifest["model_file"]
+    from qwen2edge.bundle_manifest import BundleManifest
+
+    manifest = BundleManifest.read(bundle_dir, verify=False)
+    model_path = bundle_dir / manifest.model_file
     exported = onnx.load(str(model_path), load_external_data=False)
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
@@ -41,9 +43,9 @@ def count(bundle_dir: Path, threads: int = 1) -> dict:
     weight_mm = sum(1 for n in optimized.graph.node
                     if n.op_type in ("MatMul", "MatMulNBits", "FusedMatMul", "Gemm") and len(n.input) > 1
                     and n.input[1] in inits)
-    q = manifest.get("quantization") or {}
-    return {"bundle": str(bundle_dir), "dtype": manifest["dtype"], "quantization": q.get("scheme"),
-            "layers": manifest["model_config"]["num_hidden_layers"],
+    q = manifest.quantization
+    return {"bundle": str(bundle_dir), "dtype": manifest.dtype, "quantization": q.scheme if q else None,
+            "layers": manifest.model_config.num_hidden_layers,
             "exported_nodes": sum(1 for n in exported.graph.node if n.op_type != "Constant"),
             "optimized_nodes": len(optimized.graph.node), "weight_matmuls": weight_mm,
             "optimized_ops": dict(ops.most_common())}
