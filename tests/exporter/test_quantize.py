@@ -214,6 +214,10 @@ def test_cli_int4_choices_reach_the_graph_and_the_manifest(tiny_model_factory, t
     assert _weight_types(tmp_path / "default") == {"layers": {TensorProto.UINT4}, "lm_head": {TensorProto.INT8},
                                                    "zp": {TensorProto.UINT4}}
     assert _weight_types(tmp_path / "sym") == {"layers": {TensorProto.INT4}, "lm_head": {TensorProto.INT4}, "zp": set()}
+    # ONNX Runtime fuses the symmetric int4 graph into MatMulNBits too (every weight MatMul, lm_head included)
+    Bundle.open(tmp_path / "sym").backend("ort", optimized_model_path=tmp_path / "sym-opt.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "sym-opt.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and "DequantizeLinear" not in ops
 
 
 def test_cli_int4_flags_need_int4_and_document_the_defaults(tiny_model_factory, tmp_path):
