@@ -7,6 +7,7 @@ decode_tps (tokens after the first / time after the first) and load_s.
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
@@ -65,8 +66,6 @@ def run_transformers(path: str, ids: list[int], new: int, threads: int) -> dict[
 
 def run_genai(path: str, ids: list[int], new: int, threads: int) -> dict[str, float]:
     import onnxruntime_genai as og
-
-    import json
 
     t = time.perf_counter()
     cfg = og.Config(path)
