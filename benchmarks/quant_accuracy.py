@@ -52,7 +52,7 @@ def default_model(log) -> Path:
 
 def qwen2edge_logits(bundle_dir: Path, threads: int) -> Callable[[list[int]], np.ndarray]:
     from qwen2edge.runtime.bundle import Bundle
-    from qwen2edge.validation.validate import teacher_forced
+    from qwen2edge.validation.engine import teacher_forced
 
     gen = Bundle.open(bundle_dir, verify=False).generator("ort", threads=threads)
     return lambda ids: teacher_forced(gen, ids, [])

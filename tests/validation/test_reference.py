@@ -16,7 +16,7 @@ from qwen2edge.validation.storage import WeightQuantization, dequantized
 from qwen2edge.validation.validate import PROMPTS, table, validate
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4sym"])
 def test_rebuilt_grid_equals_the_exporters_bit_for_bit(scheme):
     """storage.py is written from the recipe's definition, not from the exporter: the two must agree exactly,
     on skewed, all-positive, all-negative and all-zero blocks too."""
@@ -25,7 +25,7 @@ def test_rebuilt_grid_equals_the_exporters_bit_for_bit(scheme):
     w[1, 32:64] = np.abs(w[1, 32:64])
     w[2, 64:96] = -np.abs(w[2, 64:96])
     w[3, 96:128] = 0.0
-    q, scale, zp = quantize_blocks(w.T.copy(), scheme, 32)  # the exporter's layout: [K, N]
+    q, scale, zp = quantize_blocks(w.T.copy(), scheme[:4], 32, symmetric=scheme == "int4sym")  # exporter: [K, N]
     zero = 0 if zp is None else np.repeat(zp.astype(np.float32), 32, axis=0)
     want = ((q.astype(np.float32) - zero) * np.repeat(scale, 32, axis=0)).T
     np.testing.assert_array_equal(dequantized(torch.from_numpy(w), scheme, 32).numpy(), want)
@@ -40,16 +40,23 @@ def test_an_unknown_quantization_recipe_is_refused():
     assert WeightQuantization.from_record(None) is None
     known = QuantizationRecord.from_dict({**record.to_dict(), "weights": "uint4 asymmetric (zero point per block)"})
     assert WeightQuantization.from_record(known).describe().startswith("uint4 asymmetric")
+    searched = QuantizeOptions("int4", 32, True, int4_search=True).to_dict()  # library-only: not rebuilt
+    with pytest.raises(BundleError, match="not one this qwen2edge can rebuild"):
+        WeightQuantization.from_record(QuantizationRecord.from_dict(searched))
+    for opts in (QuantizeOptions("int4", 32, True), QuantizeOptions("int4", 32, True, int4_symmetric=True)):
+        assert WeightQuantization.from_record(QuantizationRecord.from_dict(opts.to_dict())).describe()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", [QuantizeOptions("int8", 32, True), QuantizeOptions("int4", 64, False)])
+@pytest.mark.parametrize("quant", [QuantizeOptions("int8", 32, True), QuantizeOptions("int4", 64, False),
+                                   QuantizeOptions("int4", 32, True),  # the default: lm_head int8
+                                   QuantizeOptions("int4", 32, True, int4_symmetric=True, int4_lm_head_int8=False)])
 def test_tied_and_partly_float_quantized_bundles_are_rebuilt_exactly(quant, tiny_model_factory, tmp_path):
     """Tied embeddings quantized twice (int8 table, scheme lm_head) and a recipe that leaves matrices float
     (block 64: the MLP's 96-wide down_proj, and the lm_head without embeddings): the graph's own arithmetic
     still equals the reference, and the rule's tensor count matches the exporter's."""
     model = tiny_model_factory("mqa_tied")
-    out = tmp_path / quant.scheme
+    out = tmp_path / f"{quant.scheme}-{quant.block_size}-{quant.int4_symmetric}"
     export_bundle(model, out, ExportOptions(max_seq_len=64, trt_check=None, quantize=quant))
     result = validate(model, out, steps=2, prompts=PROMPTS[:1] + PROMPTS[-1:])
     assert result.passed, table(result)
