@@ -34,13 +34,19 @@ class Unavailable(Exception):
 Log = Callable[[str], None]
 
 
+def _marker(path: Path) -> Path:
+    # Beside the artifact, not inside: a qwen2edge bundle directory holds only what its manifest lists,
+    # and export refuses to replace a directory holding anything else.
+    return path.with_name(path.name + ".complete")
+
+
 def _done(path: Path, stamp: str = "ok") -> bool:
-    marker = path / ".complete"
-    return marker.is_file() and marker.read_text().strip() == stamp
+    marker = _marker(path)
+    return path.is_dir() and marker.is_file() and marker.read_text().strip() == stamp
 
 
 def _mark(path: Path, stamp: str = "ok") -> Path:
-    (path / ".complete").write_text(stamp + "\n")
+    _marker(path).write_text(stamp + "\n")
     return path
 
 
@@ -101,6 +107,8 @@ def bundle(work: Path, ckpt: Path, quant: str | None, max_seq_len: int, log: Log
     if _done(out, stamp):
         return out
     log(f"exporting qwen2edge {quant or 'fp32'} -> {out}")
+    _marker(out).unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # this script's own stale export (other exporter code or length)
     export_bundle(ckpt, out, ExportOptions(max_seq_len=max_seq_len, trt_check=None,
                                            quantize=QuantizeOptions(quant) if quant else None),
                   progress=lambda m: log("  " + m))
